@@ -1,0 +1,189 @@
+"""The ``vlcurate`` command line: run, stats, explain, select, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import polars as pl
+
+from models.langid import ModelFileError
+from pipeline.config import ConfigError, load_config
+from pipeline.shards import InputError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ConfigError, InputError, ModelFileError) as exc:
+        print(f"vlcurate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # noqa: BLE001 - our own usage errors come through run.UsageError
+        from pipeline.run import UsageError
+
+        if isinstance(exc, UsageError):
+            print(f"vlcurate: error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+    except KeyboardInterrupt:
+        print("vlcurate: interrupted; rerun the same command to finish the remaining shards", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlcurate", description="Curate image-text WebDataset shards on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="curate shards with a recipe")
+    run.add_argument("config", help="YAML recipe, e.g. configs/qwen-vl.yaml")
+    run.add_argument("--input", "-i", nargs="+", required=True,
+                     help="shards: paths, directories, globs, brace ranges ('data/{00000..00009}.tar'), fsspec URLs")
+    run.add_argument("--output", "-o", required=True, help="output directory")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                     help="override a recipe setting, e.g. --set length.min_words=3 (repeatable)")
+    run.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
+    run.add_argument("--force", action="store_true", help="recompute every shard, even completed ones")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(handler=cmd_run)
+
+    stats = commands.add_parser("stats", help="print the funnel of an output directory (from its manifests)")
+    stats.add_argument("output")
+    stats.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    stats.set_defaults(handler=cmd_stats)
+
+    explain = commands.add_parser("explain", help="show one sample's captions and every stage's verdict")
+    explain.add_argument("output")
+    explain.add_argument("key")
+    explain.set_defaults(handler=cmd_explain)
+
+    select = commands.add_parser("select", help="re-apply new thresholds from the manifests, without recomputing")
+    select.add_argument("output")
+    select.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        required=True)
+    select.set_defaults(handler=cmd_select)
+
+    status = commands.add_parser("status", help="list completed, failed and pending shards")
+    status.add_argument("output")
+    status.add_argument("--input", "-i", nargs="+", help="the run's inputs, to list pending shards too")
+    status.set_defaults(handler=cmd_status)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from pipeline.run import run_curation
+
+    config = load_config(args.config, args.overrides)
+    result = run_curation(config, args.input, args.output, address=args.address, force=args.force,
+                          progress=not args.quiet)
+    print(format_funnel(result.stats))
+    rate = result.samples_processed / result.seconds if result.seconds else 0.0
+    print(f"\n{result.processed} shard(s) processed, {result.skipped} already complete; "
+          f"{result.samples_processed} samples in {result.seconds:.1f} s ({rate:.0f} samples/s)")
+    for failure in result.failed:
+        print(f"FAILED {failure['shard']}: {failure['error']}", file=sys.stderr)
+    if result.failed:
+        print(f"{len(result.failed)} shard(s) failed; rerun the same command to retry only those", file=sys.stderr)
+    print(f"outputs: {args.output}/shards, manifests: {args.output}/manifests, stats: {args.output}/stats.json")
+    return result.exit_code
+
+
+def format_funnel(stats: dict) -> str:
+    lines = [f"{'stage':<16}{'in':>10}{'dropped':>10}{'out':>10}"]
+    for row in stats["funnel"]:
+        lines.append(f"{row['stage']:<16}{row['in']:>10}{row['dropped']:>10}{row['out']:>10}")
+    total = stats["total"]
+    share = 100.0 * stats["kept"] / total if total else 0.0
+    lines.append(f"kept {stats['kept']} of {total} samples ({share:.1f}%)")
+    if stats["dropped_by_reason"]:
+        lines.append("drop reasons:")
+        for reason, count in sorted(stats["dropped_by_reason"].items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {reason:<40}{count:>8}")
+    return "\n".join(lines)
+
+
+def funnel_from_manifests(output: str) -> dict:
+    """Recount the funnel from the manifests alone (polars), independently of stats.json."""
+    from pipeline.outputs import aggregate_stats
+    from pipeline.run import load_saved_config, manifests_frame, stage_names
+
+    names = stage_names(load_saved_config(output))
+    frame = manifests_frame(output)
+    per_shard = (
+        frame.group_by("shard", "drop_reason").agg(pl.len().alias("n")).collect().to_dicts()
+    )
+    records: dict[str, dict] = {}
+    for row in per_shard:
+        record = records.setdefault(row["shard"], {"stem": row["shard"], "source": row["shard"], "total": 0, "kept": 0,
+                                                   "dropped_by_reason": {}, "dropped_by_stage": {}})
+        record["total"] += row["n"]
+        if row["drop_reason"] is None:
+            record["kept"] += row["n"]
+        else:
+            record["dropped_by_reason"][row["drop_reason"]] = row["n"]
+            stage = row["drop_reason"].split(":", 1)[0]
+            record["dropped_by_stage"][stage] = record["dropped_by_stage"].get(stage, 0) + row["n"]
+    return aggregate_stats(list(records.values()), names, [])
+
+
+def cmd_stats(args) -> int:
+    stats = funnel_from_manifests(args.output)
+    if args.json:
+        print(json.dumps({k: v for k, v in stats.items() if k != "per_shard"}, indent=2))
+    else:
+        print(format_funnel(stats))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from pipeline.curate import stage_reason_expr, verdict_frame
+    from pipeline.run import load_saved_config, manifests_frame
+
+    config = load_saved_config(args.output)
+    rows = manifests_frame(args.output).filter(pl.col("key") == args.key).collect()
+    if rows.height == 0:
+        print(f"vlcurate: error: no sample with key {args.key!r} in {args.output}/manifests", file=sys.stderr)
+        return EXIT_USAGE
+    stages = [s.build() for s in config.enabled_stages]
+    frame = verdict_frame(rows, stages)
+    for row, verdict_row in zip(frame.to_dicts(), frame.select([stage_reason_expr(s).alias(s.name) for s in stages])
+                                .to_dicts()):
+        print(f"key:       {row['key']}  (shard {row['shard']}, position {row['position']})")
+        print(f"original:  {row['caption_original']!r}")
+        print(f"cleaned:   {row['caption']!r}")
+        print(f"verdict:   {'KEPT' if row['kept'] else 'DROPPED (' + row['drop_reason'] + ')'}")
+        if row["read_error"]:
+            print(f"read:      {row['read_error']}")
+        for stage in stages:
+            values = ", ".join(f"{c}={row.get(c)!r}" for c in stage.columns if c in row)
+            verdict = verdict_row[stage.name] or "pass"
+            print(f"  {stage.name:<14}{verdict:<36}{values}")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from pipeline.run import select_thresholds
+
+    stats = select_thresholds(args.output, args.overrides)
+    print(format_funnel(stats))
+    print(f"\n{stats['shards_reselected']} shard(s) changed; outputs rewritten without recomputing scores")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from pipeline.run import shard_status
+
+    status = shard_status(args.output, args.input)
+    for name, entries in status.items():
+        print(f"{name}: {len(entries)}")
+        for entry in entries:
+            print(f"  {entry}")
+    return 1 if status["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Loading and validating YAML recipes, with ``--set stage.param=value`` overrides.
+
+A recipe names its stages in the order they run::
+
+    name: qwen-vl
+    stages:
+      - stage: html
+      - stage: length
+        min_words: 2
+
+Every key is checked against the stage's settings, so a typo is an error naming the known keys rather than a
+silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages import STAGES, Stage, StageParams
+
+TOP_LEVEL_KEYS = {"name", "description", "stages"}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described for a person (what is wrong and how to fix it)."""
+
+
+@dataclasses.dataclass
+class StageSpec:
+    name: str  # unique within the recipe; also the prefix of --set keys
+    kind: str  # key of STAGES
+    params: StageParams
+
+    @property
+    def stage_class(self) -> type[Stage]:
+        return STAGES[self.kind]
+
+    def build(self) -> Stage:
+        return self.stage_class(self.params)
+
+
+@dataclasses.dataclass
+class CurationConfig:
+    name: str
+    description: str
+    stages: list[StageSpec]
+
+    @property
+    def enabled_stages(self) -> list[StageSpec]:
+        return [s for s in self.stages if s.params.enabled]
+
+    def fingerprint(self) -> str:
+        """Hash of the settings that change annotations; thresholds and resources are left out."""
+        payload = [
+            {"name": s.name, "kind": s.kind, "version": getattr(s.stage_class, "version", 1),
+             "settings": s.stage_class.annotation_settings(s.params)}
+            for s in self.enabled_stages
+        ]
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        stages = []
+        for spec in self.stages:
+            entry: dict[str, Any] = {"stage": spec.kind}
+            if spec.name != spec.kind:
+                entry["name"] = spec.name
+            entry.update(dataclasses.asdict(spec.params))
+            stages.append(entry)
+        return {"name": self.name, "description": self.description, "stages": stages}
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> CurationConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass a recipe such as configs/qwen-vl.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return parse_config(raw, overrides or [], source=str(path))
+
+
+def parse_config(raw: Any, overrides: list[str], source: str = "config") -> CurationConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with 'name' and 'stages'")
+    unknown = set(raw) - TOP_LEVEL_KEYS
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key(s) {sorted(unknown)}; known keys: {sorted(TOP_LEVEL_KEYS)}")
+    entries = raw.get("stages")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{source}: 'stages' must be a non-empty list of stages")
+    entries = [dict(e) if isinstance(e, dict) else e for e in entries]
+    names = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "stage" not in entry:
+            raise ConfigError(f"{source}: stages[{i}] must be a mapping with a 'stage' key (one of {sorted(STAGES)})")
+        names.append(str(entry.get("name", entry["stage"])))
+    raw = {**raw, "stages": entries}
+    for override in overrides:
+        _apply_override(raw, names, override, source)
+    specs = []
+    for i, entry in enumerate(raw["stages"]):
+        specs.append(_parse_stage(entry, f"{source}: stages[{i}]"))
+    duplicated = {n for n in names if names.count(n) > 1}
+    if duplicated:
+        raise ConfigError(f"{source}: stage name(s) {sorted(duplicated)} used twice; give each a distinct 'name'")
+    return CurationConfig(name=str(raw.get("name", Path(source).stem)), description=str(raw.get("description", "")),
+                          stages=specs)
+
+
+def _apply_override(raw: dict, names: list[str], override: str, source: str) -> None:
+    key, sep, value_text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set length.min_words=3")
+    value = yaml.safe_load(value_text) if value_text.strip() else ""
+    parts = key.split(".")
+    if parts[0] in ("name", "description") and len(parts) == 1:
+        raw[parts[0]] = value
+        return
+    if parts[0] not in names or len(parts) < 2:
+        raise ConfigError(f"--set {key}: no stage named {parts[0]!r} in {source}; stages: {names}")
+    target = raw["stages"][names.index(parts[0])]
+    for part in parts[1:-1]:
+        nested = target.get(part)
+        if nested is None:
+            nested = _default_of(target, part)
+        if not isinstance(nested, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a mapping")
+        target[part] = nested = dict(nested)
+        target = nested
+    target[parts[-1]] = value
+
+
+def _default_of(entry: dict, field_name: str) -> Any:
+    cls = STAGES.get(entry.get("stage"))
+    if cls is None:
+        return None
+    defaults = {f.name: f for f in dataclasses.fields(cls.Params)}
+    field = defaults.get(field_name)
+    if field is None:
+        return None
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
+def _parse_stage(entry: dict, where: str) -> StageSpec:
+    kind = entry["stage"]
+    if kind not in STAGES:
+        raise ConfigError(f"{where}: unknown stage {kind!r}; known stages: {sorted(STAGES)}")
+    cls = STAGES[kind]
+    name = str(entry.get("name", kind))
+    settings = {k: v for k, v in entry.items() if k not in ("stage", "name")}
+    params = build_params(cls.Params, settings, f"{where} ({name})")
+    try:
+        cls(params)  # constructing validates cross-field settings (e.g. rule names) early, on the driver
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{where} ({name}): {exc}") from None
+    return StageSpec(name=name, kind=kind, params=params)
+
+
+def build_params(params_cls: type[StageParams], settings: dict[str, Any], where: str) -> StageParams:
+    fields = {f.name: f for f in dataclasses.fields(params_cls)}
+    unknown = set(settings) - set(fields)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}; known settings: {sorted(fields)}")
+    hints = typing.get_type_hints(params_cls)
+    values = {}
+    for key, value in settings.items():
+        values[key] = _check_type(value, hints[key], f"{where}: {key}")
+    if isinstance(values.get("rules"), dict):
+        # Rule switches merge into the defaults: naming one rule does not switch the others off.
+        default = _field_default(fields["rules"])
+        values["rules"] = {**default, **values["rules"]}
+    return params_cls(**values)
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+    elif origin is list:
+        (item_hint,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        value = [_check_type(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        _, item_hint = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        value = {str(k): _check_type(v, item_hint, f"{where}.{k}") for k, v in value.items()}
+    return value

@@ -1,0 +1,136 @@
+"""Applying stages to the samples of one shard, and turning annotations into verdicts.
+
+This module knows nothing about Ray: the plan (``pipeline.plan``) calls it from Ray workers, the tests call it
+directly, and ``vlcurate select`` reuses ``drop_reason_expr`` on the manifests.
+"""
+
+from __future__ import annotations
+
+import traceback
+from typing import Iterable
+
+import polars as pl
+import pyarrow as pa
+
+from stages import SampleBatch, Stage
+
+READ_STAGE = "read"
+
+
+def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Table:
+    """Run ``stage.annotate`` on the samples it should see and add its columns to ``table``.
+
+    Cheap stages see every readable sample; stages with ``only_survivors`` see only the samples that pass
+    every earlier stage. A sample on which the stage raises gets ``error_stage``/``error_message`` and is
+    dropped with reason ``<stage>:error``; the other samples of the shard are unaffected.
+    """
+    readable = table.column("read_error").is_null().to_pylist()
+    if stage.only_survivors:
+        reasons = verdicts(table, earlier)
+        targets = [i for i, ok in enumerate(readable) if ok and reasons[i] is None]
+    else:
+        targets = [i for i, ok in enumerate(readable) if ok and _no_error(table, i)]
+    captions = table.column("caption").to_pylist()
+    images = table.column("image").to_pylist()
+    values, failures = _annotate_isolating_failures(stage, targets, captions, images)
+
+    n = table.num_rows
+    for name, dtype in stage.columns.items():
+        column: list = [None] * n
+        for i, value in zip(values["index"], values.get(name, [])):
+            column[i] = value
+        table = _set_column(table, name, pa.array(column, type=dtype))
+    if stage.rewrites_caption:
+        for i, value in zip(values["index"], values["caption"]):
+            captions[i] = value
+        table = _set_column(table, "caption", pa.array(captions, type=pa.string()))
+    if failures:
+        error_stage = table.column("error_stage").to_pylist() if "error_stage" in table.column_names else [None] * n
+        error_message = (
+            table.column("error_message").to_pylist() if "error_message" in table.column_names else [None] * n
+        )
+        for i, message in failures.items():
+            if error_stage[i] is None:
+                error_stage[i], error_message[i] = stage.name, message
+        table = _set_column(table, "error_stage", pa.array(error_stage, type=pa.string()))
+        table = _set_column(table, "error_message", pa.array(error_message, type=pa.string()))
+    return table
+
+
+def _no_error(table: pa.Table, i: int) -> bool:
+    return "error_stage" not in table.column_names or table.column("error_stage")[i].as_py() is None
+
+
+def _annotate_isolating_failures(
+    stage: Stage, targets: list[int], captions: list, images: list
+) -> tuple[dict[str, list], dict[int, str]]:
+    """Annotate all targets at once; if that raises, retry one sample at a time to find the bad ones."""
+
+    def batch_of(indices: list[int]) -> SampleBatch:
+        return SampleBatch(index=indices, captions=[captions[i] for i in indices], images=[images[i] for i in indices])
+
+    try:
+        result = stage.annotate(batch_of(targets))
+        return {"index": targets, **result}, {}
+    except Exception:  # noqa: BLE001 - isolate the failing samples below
+        pass
+    merged: dict[str, list] = {"index": []}
+    failures: dict[int, str] = {}
+    for i in targets:
+        try:
+            result = stage.annotate(batch_of([i]))
+        except Exception as exc:  # noqa: BLE001 - recorded per sample
+            failures[i] = f"{type(exc).__name__}: {exc}"[:500] or traceback.format_exc(limit=1)
+            continue
+        merged["index"].append(i)
+        for name, values in result.items():
+            merged.setdefault(name, []).extend(values)
+    return merged, failures
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, values)
+    return table.append_column(name, values)
+
+
+def stage_reason_expr(stage: Stage) -> pl.Expr:
+    """This stage's drop reason for one sample, prefixed with the stage name, or null."""
+    errored = pl.col("error_stage") == stage.name
+    reason = stage.reject_reason()
+    if stage.only_survivors:
+        # Never scored (it was dropped earlier when the stage ran, and a threshold upstream was loosened since).
+        first_column = next(iter(stage.columns))
+        missing = pl.when(pl.col(first_column).is_null()).then(pl.lit("not_scored"))
+        reason = missing.otherwise(reason) if reason is not None else missing.otherwise(None)
+    expr = pl.when(errored).then(pl.lit("error"))
+    expr = expr.otherwise(reason) if reason is not None else expr.otherwise(pl.lit(None, dtype=pl.String))
+    return pl.concat_str([pl.lit(stage.name + ":"), expr])
+
+
+def drop_reason_expr(stages: Iterable[Stage]) -> pl.Expr:
+    """The first failing stage's reason, in stage order; null when the sample is kept."""
+    read = pl.concat_str([pl.lit(READ_STAGE + ":"), pl.col("read_error")])
+    return pl.coalesce([read, *(stage_reason_expr(s) for s in stages)]).alias("drop_reason")
+
+
+def verdict_frame(table: pa.Table | pl.DataFrame, stages: list[Stage]) -> pl.DataFrame:
+    """The columns verdicts need, with ``error_stage`` present even when no stage has failed."""
+    if isinstance(table, pa.Table):
+        table = table.drop_columns([c for c in ("image",) if c in table.column_names])
+        table = pl.from_arrow(table)
+    frame = table
+    if "error_stage" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
+    return frame
+
+
+def verdicts(table: pa.Table, stages: list[Stage]) -> list[str | None]:
+    return verdict_frame(table, stages).select(drop_reason_expr(stages)).to_series().to_list()
+
+
+def finish_shard(table: pa.Table, stages: list[Stage]) -> pa.Table:
+    """Add the final ``drop_reason`` and ``kept`` columns."""
+    reasons = pa.array(verdicts(table, stages), type=pa.string())
+    table = _set_column(table, "drop_reason", reasons)
+    return _set_column(table, "kept", reasons.is_null())

@@ -1,0 +1,217 @@
+"""Running a curation job and re-selecting an existing one: the driver-side logic behind the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
+from pipeline.curate import READ_STAGE, drop_reason_expr, verdict_frame
+from pipeline.outputs import (OutputDir, aggregate_stats, atomic_write_bytes, atomic_write_json, build_shard_tar,
+                              shard_stats)
+from pipeline.shards import expand_inputs, read_shard
+
+CONFIG_FILE = "config.yaml"
+STATS_FILE = "stats.json"
+
+
+class UsageError(ValueError):
+    """A problem with how the command was called (paths, directories); exit code 2."""
+
+
+@dataclasses.dataclass
+class RunResult:
+    stats: dict
+    processed: int
+    skipped: int
+    failed: list[dict]
+    seconds: float
+    samples_processed: int
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def init_ray(address: str | None = None) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING,
+             configure_logging=True, log_to_driver=True)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the driver shows one bar of its own, per shard
+    context.print_on_execution_start = False
+
+
+def prepare_output(output: str | Path) -> OutputDir:
+    out = OutputDir(output)
+    try:
+        out.create()
+        probe = out.root / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"output directory {out.root} is not writable ({exc.strerror}): choose another --output")
+    out.remove_temporary_files()
+    return out
+
+
+def stage_names(config: CurationConfig) -> list[str]:
+    return [READ_STAGE, *(s.name for s in config.enabled_stages)]
+
+
+def check_compatible(out: OutputDir, config: CurationConfig, force: bool) -> None:
+    """Refuse to mix results computed with different annotation settings in one output directory."""
+    saved_path = out.root / CONFIG_FILE
+    if force or not saved_path.is_file():
+        return
+    saved = parse_config(yaml.safe_load(saved_path.read_text()), [], source=str(saved_path))
+    if saved.fingerprint() != config.fingerprint():
+        raise UsageError(
+            f"{out.root} holds results computed with different stage settings (config fingerprint "
+            f"{saved.fingerprint()}, now {config.fingerprint()}): pass --force to recompute every shard, or use "
+            "a new --output directory"
+        )
+    if saved.to_dict()["stages"] != config.to_dict()["stages"]:
+        raise UsageError(
+            f"{out.root} was curated with other thresholds: re-apply the new ones to the finished shards with "
+            f"'vlcurate select {out.root} --set ...' (no recompute), then rerun this command for the rest"
+        )
+
+
+def run_curation(config: CurationConfig, inputs: list[str], output: str, address: str | None = None,
+                 force: bool = False, progress: bool = True) -> RunResult:
+    from pipeline.plan import build_plan
+
+    shards = expand_inputs(inputs)
+    out = prepare_output(output)
+    check_compatible(out, config, force)
+    atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    fingerprint = config.fingerprint()
+    done = out.done_records()
+    pending = [s for s in shards if force or done.get(s.stem, {}).get("fingerprint") != fingerprint]
+    started = time.perf_counter()
+    summaries = []
+    if pending:
+        init_ray(address)
+        plan = build_plan(pending, config.enabled_stages, str(out.root), fingerprint, config.name)
+        summaries = _consume(plan, len(pending), progress)
+    seconds = time.perf_counter() - started
+    stats = write_stats(out, config)
+    failed = [s for s in summaries if s["error"] is not None]
+    return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
+                     seconds=seconds, samples_processed=sum(s["total"] for s in summaries))
+
+
+def _consume(plan, total_shards: int, progress: bool) -> list[dict]:
+    from tqdm import tqdm
+
+    summaries = []
+    samples = kept = 0
+    with tqdm(total=total_shards, unit="shard", disable=not progress, file=sys.stderr,
+              desc="curating") as bar:
+        for summary in plan.iter_rows():
+            summaries.append(summary)
+            samples += summary["total"]
+            kept += summary["kept"]
+            bar.set_postfix(samples=samples, kept=kept, failed=sum(1 for s in summaries if s["error"]))
+            bar.update(1)
+    return summaries
+
+
+def write_stats(out: OutputDir, config: CurationConfig) -> dict:
+    done = list(out.done_records().values())
+    failed = [f for stem, f in out.failed_records().items() if stem not in {d["stem"] for d in done}]
+    stats = aggregate_stats(done, stage_names(config), failed)
+    stats["config"] = config.name
+    atomic_write_json(out.root / STATS_FILE, stats)
+    return stats
+
+
+def load_saved_config(output: str | Path, overrides: list[str] | None = None) -> CurationConfig:
+    path = Path(output) / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{output} is not a vlcurate output directory (no {CONFIG_FILE}): run 'vlcurate run' first")
+    return parse_config(yaml.safe_load(path.read_text()), overrides or [], source=str(path))
+
+
+def manifests_frame(output: str | Path) -> pl.LazyFrame:
+    out = OutputDir(output)
+    files = sorted(out.manifests.glob("*.parquet"))
+    if not files:
+        raise UsageError(f"{output} has no manifests yet: run 'vlcurate run' first")
+    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
+
+
+def select_thresholds(output: str, overrides: list[str]) -> dict:
+    """Re-apply new thresholds from the manifests: verdicts, manifests, output shards and stats change; no stage
+    annotates again. Only settings listed in a stage's ``thresholds`` may change."""
+    current = load_saved_config(output)
+    new = load_saved_config(output, overrides)
+    if new.fingerprint() != current.fingerprint() or [s.name for s in new.enabled_stages] != [
+        s.name for s in current.enabled_stages
+    ]:
+        raise ConfigError(
+            "select can only change thresholds (" + ", ".join(_threshold_keys(new.enabled_stages)) + "); other "
+            "settings change the scores: rerun 'vlcurate run ... --force' instead"
+        )
+    out = OutputDir(output)
+    out.remove_temporary_files()
+    stages = [s.build() for s in new.enabled_stages]
+    names = stage_names(new)
+    changed_shards = 0
+    for stem, record in out.done_records().items():
+        manifest = pq.read_table(out.manifest_path(stem))
+        frame = verdict_frame(manifest, stages)
+        reasons = frame.select(drop_reason_expr(stages)).to_series().to_list()
+        if reasons == manifest.column("drop_reason").to_pylist():
+            continue
+        changed_shards += 1
+        kept = pa.array([r is None for r in reasons])
+        manifest = manifest.set_column(manifest.column_names.index("drop_reason"), "drop_reason",
+                                       pa.array(reasons, pa.string()))
+        manifest = manifest.set_column(manifest.column_names.index("kept"), "kept", kept)
+        _rewrite_shard(out, stem, record["source"], manifest)
+        sink = pa.BufferOutputStream()
+        pq.write_table(manifest, sink, compression="zstd")
+        atomic_write_bytes(out.manifest_path(stem), sink.getvalue().to_pybytes())
+        atomic_write_json(out.done_path(stem), {**record, **shard_stats(reasons, names)})
+    atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(new.to_dict(), sort_keys=False).encode())
+    stats = write_stats(out, new)
+    stats["shards_reselected"] = changed_shards
+    return stats
+
+
+def _threshold_keys(specs: list[StageSpec]) -> list[str]:
+    return [f"{s.name}.{key}" for s in specs for key in sorted(s.stage_class.thresholds)]
+
+
+def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table) -> None:
+    """Write the output shard again from the input shard's bytes and the manifest's (unchanged) annotations."""
+    original = read_shard(source).select(["key", "image", "metadata_json"])
+    joined = manifest.join(original, keys="key", join_type="left outer").sort_by("position")
+    atomic_write_bytes(out.shard_path(stem), build_shard_tar(joined.drop_columns(["shard", "image_bytes"]), source))
+
+
+def shard_status(output: str, inputs: list[str] | None = None) -> dict[str, list[str]]:
+    out = OutputDir(output)
+    done = out.done_records()
+    failed = {stem: rec for stem, rec in out.failed_records().items() if stem not in done}
+    status = {"completed": sorted(done), "failed": sorted(f"{stem}: {rec['error']}" for stem, rec in failed.items())}
+    if inputs:
+        status["pending"] = sorted(s.stem for s in expand_inputs(inputs) if s.stem not in done and s.stem not in failed)
+    return status

@@ -1,0 +1,22 @@
+"""Curation stages, one small class each. ``STAGES`` maps the name used in configs to the class."""
+
+from stages.base import SampleBatch, Stage, StageParams
+from stages.caption_cleaning import HtmlStage, PatternsStage
+from stages.caption_filters import CharsetStage, EmojiStage, LanguageStage, LengthStage
+from stages.image_header import AspectRatioStage, ImageSizeStage
+
+STAGES: dict[str, type[Stage]] = {
+    cls.name: cls
+    for cls in (
+        HtmlStage,
+        PatternsStage,
+        CharsetStage,
+        LanguageStage,
+        EmojiStage,
+        LengthStage,
+        ImageSizeStage,
+        AspectRatioStage,
+    )
+}
+
+__all__ = ["STAGES", "SampleBatch", "Stage", "StageParams"]

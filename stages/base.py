@@ -1,0 +1,84 @@
+"""The contract every curation stage follows.
+
+A stage has one job and two halves, kept apart on purpose:
+
+* ``annotate`` computes per-sample values (scores, counts, the cleaned caption) and is the costly part;
+* ``reject_reason`` turns those values into a verdict with the stage's thresholds, as a polars expression.
+
+Because verdicts only read annotation columns, changing a threshold can be re-applied from the Parquet
+manifests (``vlcurate select``) without annotating again. Settings named in ``thresholds`` are the ones that
+only affect the verdict; every other setting changes the annotations and therefore needs a recompute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import polars as pl
+import pyarrow as pa
+
+
+@dataclasses.dataclass
+class StageParams:
+    """Settings shared by every stage; each stage subclasses this with its own fields."""
+
+    enabled: bool = True
+    num_cpus: float = 1.0
+
+
+@dataclasses.dataclass
+class SampleBatch:
+    """The samples of one shard that a stage annotates, as plain Python lists.
+
+    ``captions`` is the current (already cleaned by earlier stages) caption and ``images`` the raw image bytes;
+    both are aligned with ``index``, the positions of these samples in the shard table.
+    """
+
+    index: list[int]
+    captions: list[str]
+    images: list[bytes]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+class Stage:
+    """Base class: subclasses set ``name``, ``Params``, ``columns`` and implement ``annotate``."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[StageParams]] = StageParams
+    # Annotation columns this stage writes into the manifest, with their Arrow types.
+    columns: ClassVar[dict[str, pa.DataType]] = {}
+    # Settings that only change the verdict (re-applicable from manifests by `vlcurate select`).
+    thresholds: ClassVar[frozenset[str]] = frozenset()
+    # True when the stage rewrites the caption that later stages and the output see.
+    rewrites_caption: ClassVar[bool] = False
+    # Cheap stages annotate every readable sample, so that a loosened threshold upstream still finds their
+    # values; expensive (model) stages set this to True and only see samples that passed every earlier stage.
+    only_survivors: ClassVar[bool] = False
+
+    def __init__(self, params: StageParams):
+        self.params = params
+
+    def annotate(self, batch: SampleBatch) -> dict[str, list[Any]]:
+        """Return one list per column in ``columns`` (plus ``caption`` when ``rewrites_caption``)."""
+        raise NotImplementedError
+
+    def reject_reason(self) -> pl.Expr | None:
+        """A polars expression over the annotation columns: a short reason string, or null to keep."""
+        return None
+
+    @classmethod
+    def annotation_settings(cls, params: StageParams) -> dict[str, Any]:
+        """The settings that change annotations (everything but thresholds and resources)."""
+        skip = cls.thresholds | {"num_cpus", "enabled"}
+        return {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
+
+
+def first_reason(*cases: tuple[pl.Expr, str]) -> pl.Expr:
+    """Chain ``(condition, reason)`` pairs into one expression that yields the first matching reason."""
+    expr: Any = pl
+    for condition, reason in cases:
+        expr = expr.when(condition).then(pl.lit(reason))
+    return expr.otherwise(pl.lit(None, dtype=pl.String))

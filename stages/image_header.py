@@ -1,0 +1,100 @@
+"""Stages that judge the image from its header alone: PIL opens lazily and no pixel is decoded."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+
+import polars as pl
+import pyarrow as pa
+from PIL import Image
+
+from stages.base import SampleBatch, Stage, StageParams, first_reason
+
+
+def read_header(data: bytes) -> tuple[int | None, int | None, str | None, str | None]:
+    """(width, height, format, error) from the image header; never decodes pixels."""
+    if not data:
+        return None, None, None, "empty_file"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning: max_pixels is our own threshold
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                return width, height, image.format, None
+    except Exception as exc:  # noqa: BLE001 - any unreadable header is a per-sample verdict
+        return None, None, None, f"{type(exc).__name__}: {exc}"[:200]
+
+
+# Headers are read without pixel decoding, so PIL's own bomb check only gets in the way; the image_size stage
+# applies max_pixels instead, and pixel-decoding stages re-enable a limit where they decode.
+Image.MAX_IMAGE_PIXELS = None
+
+HEADER_COLUMNS = {
+    "image_width": pa.int32(),
+    "image_height": pa.int32(),
+    "image_format": pa.string(),
+    "image_error": pa.string(),
+}
+
+
+def annotate_headers(batch: SampleBatch) -> dict[str, list]:
+    headers = [read_header(data) for data in batch.images]
+    return {name: [h[i] for h in headers] for i, name in enumerate(HEADER_COLUMNS)}
+
+
+@dataclasses.dataclass
+class ImageSizeParams(StageParams):
+    min_side: int = 200  # DataComp's shorter-side minimum
+    max_pixels: int = 89_478_485  # PIL's decompression-bomb limit: larger images are refused
+    allowed_formats: list[str] = dataclasses.field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
+
+
+class ImageSizeStage(Stage):
+    """Drop unreadable headers, small images (shorter side) and decompression bombs (pixel count)."""
+
+    name = "image_size"
+    Params = ImageSizeParams
+    columns = HEADER_COLUMNS
+    thresholds = frozenset({"min_side", "max_pixels", "allowed_formats"})
+
+    def annotate(self, batch: SampleBatch) -> dict[str, list]:
+        return annotate_headers(batch)
+
+    def reject_reason(self) -> pl.Expr:
+        p: ImageSizeParams = self.params
+        width, height = pl.col("image_width"), pl.col("image_height")
+        return first_reason(
+            (pl.col("image_error").is_not_null(), "undecodable_header"),
+            (~pl.col("image_format").is_in(p.allowed_formats), "unsupported_format"),
+            (width.cast(pl.Int64) * height.cast(pl.Int64) > p.max_pixels, "too_many_pixels"),
+            (pl.min_horizontal(width, height) < p.min_side, "too_small"),
+        )
+
+
+@dataclasses.dataclass
+class AspectRatioParams(StageParams):
+    max_ratio: float = 3.0
+
+
+class AspectRatioStage(Stage):
+    """Drop extreme aspect ratios: longer side / shorter side above ``max_ratio``."""
+
+    name = "aspect_ratio"
+    Params = AspectRatioParams
+    columns = {"aspect_ratio": pa.float32()}
+    thresholds = frozenset({"max_ratio"})
+
+    def annotate(self, batch: SampleBatch) -> dict[str, list]:
+        ratios = []
+        for width, height, _, _ in map(read_header, batch.images):
+            ratios.append(max(width, height) / min(width, height) if width and height else None)
+        return {"aspect_ratio": ratios}
+
+    def reject_reason(self) -> pl.Expr:
+        ratio = pl.col("aspect_ratio")
+        return first_reason(
+            (ratio.is_null(), "undecodable_header"),
+            (ratio > self.params.max_ratio, "extreme_aspect_ratio"),
+        )
