@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import html
 import re
+from typing import Callable
 
 import pyarrow as pa
 from selectolax.lexbor import LexborHTMLParser
@@ -35,38 +36,52 @@ class HtmlStage(Stage):
     rewrites_caption = True
 
     def clean(self, text: str) -> str:
-        p: HtmlParams = self.params
-        if _LOOKS_LIKE_TAG.search(text):
-            tree = LexborHTMLParser(text)
-            if p.drop_tags:
-                tree.strip_tags(p.drop_tags)
-            root = tree.body or tree.root
-            text = root.text(separator=" ") if root is not None else ""
-        for _ in range(p.max_unescape_rounds):
-            if not _ENTITY.search(text):
+        # Escaped HTML ("&lt;i&gt;") turns into tags once unescaped: alternate until nothing changes.
+        for _ in range(self.params.max_unescape_rounds):
+            before = text
+            if _LOOKS_LIKE_TAG.search(text):
+                text = self.strip_tags(text)
+            if _ENTITY.search(text):
+                text = html.unescape(text)
+            if text == before:
                 break
-            text = html.unescape(text)
         return normalise_whitespace(text)
+
+    def strip_tags(self, text: str) -> str:
+        tree = LexborHTMLParser(text)
+        if self.params.drop_tags:
+            tree.strip_tags(self.params.drop_tags)
+        root = tree.body or tree.root
+        return root.text(separator=" ") if root is not None else ""
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         cleaned = [self.clean(c) for c in batch.captions]
         return {"caption": cleaned, "html_changed": [a != b for a, b in zip(cleaned, batch.captions)]}
 
 
+def _strip_filename(match: re.Match) -> str:
+    """Slug-like names ("IMG_1234.JPG", "dark-knight-v2.jpg") go entirely; a plain word keeps its text
+    ("look east.JPG" -> "look east")."""
+    stem = match.group(1)
+    if stem is None or re.search(r"[\d_-]", stem):
+        return " "
+    return stem
+
+
 # Named rules: pattern and replacement. Order matters (URLs before file names, e-mails before handles).
-PATTERN_RULES: dict[str, tuple[str, str]] = {
+PATTERN_RULES: dict[str, tuple[str, str | Callable[[re.Match], str]]] = {
     "control_chars": (r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]", " "),
     "zero_width": (r"[\u200b-\u200d\u2060\ufeff\u00ad]", ""),
     "url": (r"(?i)\b(?:https?://|ftp://|www\.)\S+", " "),
     "email": (r"(?i)\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b", " "),
     "filename": (
-        r"(?i)\b(?:[\w-]+\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|raw|cr2|nef|mp4|mov|avi|pdf)"
+        r"(?i)\b(?:([\w-]+)\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|raw|cr2|nef|mp4|mov|avi|pdf)"
         r"|(?:img|dsc|dscn|dscf|pxl|mvimg|vid|gopr)[_-]?\d{3,}(?:[_-]\d+)*)\b",
-        " ",
+        _strip_filename,
     ),
     "handle": (r"(?<![\w@])@[A-Za-z0-9_](?:[A-Za-z0-9_.]*[A-Za-z0-9_])?", " "),
     "hashtag": (r"(?<![\w#])#[^\s#]+", " "),
-    "repeated_punctuation": (r"([!?,;:~*=_#+|/\\-])\1+", r"\1"),
+    "repeated_punctuation": (r"([!?,;:~*=_#+|\\-])\1+", r"\1"),
     "long_ellipsis": (r"\.{4,}|…{2,}", "..."),
     "repeated_letters": (r"([^\W\d_])\1{3,}", r"\1\1"),
 }
@@ -109,7 +124,7 @@ class PatternsStage(Stage):
             raise ValueError(
                 f"patterns.rules has unknown rule(s) {sorted(unknown)}; known rules: {sorted(PATTERN_RULES)}"
             )
-        self.compiled: list[tuple[str, re.Pattern, str]] = [
+        self.compiled: list[tuple[str, re.Pattern, str | Callable[[re.Match], str]]] = [
             (name, re.compile(PATTERN_RULES[name][0]), PATTERN_RULES[name][1])
             for name in PATTERN_RULES
             if params.rules.get(name, False)

@@ -1,0 +1,59 @@
+import io
+import os
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FLICKR = SHARED_DATA / "flickr8k"
+MYNTRA = SHARED_DATA / "myntra-large"
+LAION_CAPTIONS = SHARED_DATA / "laion400m-10k-captions.parquet"
+
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real data lives in ../shared/data)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    from pipeline.run import init_ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    init_ray()  # applies vlcurate's Ray Data settings to the running cluster
+    yield
+    ray.shutdown()
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    """A shard with the given (name, bytes) members, in that order."""
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return path
+
+
+def flickr_members(shard: Path, limit: int) -> list[tuple[str, bytes]]:
+    """The first ``limit`` samples of a real shard, as (name, bytes) members."""
+    members, keys = [], []
+    with tarfile.open(shard) as archive:
+        for member in archive:
+            key = member.name.split(".", 1)[0]
+            if key not in keys:
+                if len(keys) == limit:
+                    break
+                keys.append(key)
+            members.append((member.name, archive.extractfile(member).read()))
+    return members
