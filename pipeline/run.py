@@ -202,9 +202,13 @@ def _threshold_keys(specs: list[StageSpec]) -> list[str]:
 
 def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table) -> None:
     """Write the output shard again from the input shard's bytes and the manifest's (unchanged) annotations."""
-    original = read_shard(source).select(["key", "image", "metadata_json"])
-    joined = manifest.join(original, keys="key", join_type="left outer").sort_by("position")
-    atomic_write_bytes(out.shard_path(stem), build_shard_tar(joined.drop_columns(["shard", "image_bytes"]), source))
+    original = read_shard(source)
+    row_of = {key: i for i, key in enumerate(original.column("key").to_pylist())}
+    rows = pa.array([row_of[key] for key in manifest.column("key").to_pylist()], pa.int64())
+    table = manifest.drop_columns(["shard", "image_bytes"])
+    table = table.append_column("image", original.column("image").take(rows))
+    table = table.append_column("metadata_json", original.column("metadata_json").take(rows))
+    atomic_write_bytes(out.shard_path(stem), build_shard_tar(table, source))
 
 
 def shard_status(output: str, inputs: list[str] | None = None) -> dict[str, list[str]]:
