@@ -16,6 +16,7 @@ $(BIN)/vlcurate: pyproject.toml
 install: $(BIN)/vlcurate
 
 demo: install
+	@test -d $(DATA) || { echo "demo data $(DATA) not found: pass DATA=path/to/shards"; exit 2; }
 	$(BIN)/vlcurate run configs/qwen-vl.yaml --input $(DATA) --output $(OUT)
 
 test: install

@@ -1,0 +1,85 @@
+"""Recipes, --set overrides and the command line's answers to mistakes (one line, exit code 2)."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, write_tar
+from pipeline.config import ConfigError, load_config, parse_config
+
+
+def vlcurate(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_shipped_recipes_load():
+    qwen = load_config(ROOT / "configs" / "qwen-vl.yaml")
+    assert [s.name for s in qwen.stages] == ["html", "patterns", "charset", "language", "emoji", "length",
+                                             "image_size", "aspect_ratio"]
+    basic = load_config(ROOT / "configs" / "datacomp-basic.yaml")
+    assert [s.name for s in basic.stages] == ["language", "length", "image_size", "aspect_ratio"]
+    assert basic.stages[1].params.min_words == 3 and basic.stages[2].params.min_side == 200
+
+
+def test_overrides_and_switches():
+    config = load_config(ROOT / "configs" / "qwen-vl.yaml",
+                         ["length.min_words=4", "emoji.enabled=false", "patterns.rules.url=false",
+                          "language.allowed=[en]"])
+    by_name = {s.name: s.params for s in config.stages}
+    assert by_name["length"].min_words == 4
+    assert "emoji" not in [s.name for s in config.enabled_stages]
+    assert by_name["patterns"].rules["url"] is False and by_name["patterns"].rules["email"] is True
+    assert by_name["language"].allowed == ["en"]
+
+
+def test_fingerprint_ignores_thresholds_but_not_annotation_settings():
+    base = load_config(ROOT / "configs" / "qwen-vl.yaml")
+    assert load_config(ROOT / "configs" / "qwen-vl.yaml", ["length.min_words=5"]).fingerprint() == base.fingerprint()
+    assert load_config(ROOT / "configs" / "qwen-vl.yaml", ["html.enabled=false"]).fingerprint() != base.fingerprint()
+    assert load_config(ROOT / "configs" / "qwen-vl.yaml",
+                       ["patterns.rules.url=false"]).fingerprint() != base.fingerprint()
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"stages": [{"stage": "lenght"}]}, "unknown stage 'lenght'; known stages"),
+        ({"stages": [{"stage": "length", "min_word": 2}]}, "unknown setting(s) ['min_word']"),
+        ({"stages": [{"stage": "length", "min_words": "two"}]}, "min_words must be an integer, got 'two'"),
+        ({"stages": [{"stage": "patterns", "rules": {"urls": True}}]}, "unknown rule(s) ['urls']"),
+        ({"stages": []}, "'stages' must be a non-empty list"),
+        ({"stage": []}, "unknown top-level key(s) ['stage']"),
+        ({"stages": [{"stage": "html"}, {"stage": "html"}]}, "used twice"),
+    ],
+)
+def test_config_errors_name_the_problem(raw, message):
+    with pytest.raises(ConfigError) as error:
+        parse_config(raw, [])
+    assert message in str(error.value)
+
+
+def test_bad_override_names_the_stages():
+    with pytest.raises(ConfigError, match="no stage named 'lenght'"):
+        load_config(ROOT / "configs" / "qwen-vl.yaml", ["lenght.min_words=3"])
+
+
+def test_cli_mistakes_give_one_line_and_exit_code_2(tmp_path):
+    shard = write_tar(tmp_path / "s.tar", [("a.txt", b"hello world")])
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    cases = [
+        (["run", "configs/qwen-vl.yaml", "--input", tmp_path / "nope.tar", "--output", tmp_path / "o"],
+         "matches no .tar shard"),
+        (["run", "configs/qwen-vl.yaml", "--input", shard, "--output", blocker / "out"], "is not writable"),
+        (["run", "configs/qwen-vl.yaml", "--input", shard, "--output", tmp_path / "o", "--set", "length.x=1"],
+         "unknown setting(s) ['x']"),
+        (["run", tmp_path / "missing.yaml", "--input", shard, "--output", tmp_path / "o"], "does not exist"),
+        (["stats", tmp_path], "is not a vlcurate output directory"),
+    ]
+    for args, message in cases:
+        result = vlcurate(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("vlcurate: error:") and message in lines[0], result.stderr
