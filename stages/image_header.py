@@ -36,12 +36,37 @@ HEADER_COLUMNS = {
     "image_height": pa.int32(),
     "image_format": pa.string(),
     "image_error": pa.string(),
+    "image_complete": pa.bool_(),
 }
+
+# What a complete file of each format ends with (trailing NUL padding is tolerated for JPEG).
+_JPEG_END = b"\xff\xd9"
+_PNG_END = b"IEND\xaeB`\x82"
+
+
+def file_is_complete(data: bytes, image_format: str | None) -> bool | None:
+    """Whether the file ends where its format says it should: catches truncated downloads without decoding."""
+    if image_format == "JPEG":
+        return data.rstrip(b"\0").endswith(_JPEG_END)
+    if image_format == "PNG":
+        return data.endswith(_PNG_END)
+    if image_format == "WEBP":
+        return len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
+    return None
 
 
 def annotate_headers(batch: SampleBatch) -> dict[str, list]:
-    headers = [read_header(data) for data in batch.images]
-    return {name: [h[i] for h in headers] for i, name in enumerate(HEADER_COLUMNS)}
+    columns: dict[str, list] = {name: [] for name in HEADER_COLUMNS}
+    for data in batch.images:
+        width, height, image_format, error = read_header(data)
+        for name, value in zip(HEADER_COLUMNS, (width, height, image_format, error,
+                                                file_is_complete(data, image_format))):
+            columns[name].append(value)
+    return columns
+
+
+# The format each file extension promises.
+EXTENSION_FORMATS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 @dataclasses.dataclass
@@ -49,15 +74,18 @@ class ImageSizeParams(StageParams):
     min_side: int = 200  # DataComp's shorter-side minimum
     max_pixels: int = 89_478_485  # PIL's decompression-bomb limit: larger images are refused
     allowed_formats: list[str] = dataclasses.field(default_factory=lambda: ["JPEG", "PNG", "WEBP"])
+    # A PNG named .jpg breaks loaders that trust the extension (DALI, torchvision.io.decode_jpeg).
+    require_matching_extension: bool = True
 
 
 class ImageSizeStage(Stage):
-    """Drop unreadable headers, small images (shorter side) and decompression bombs (pixel count)."""
+    """Drop unreadable, truncated or mislabelled files, decompression bombs (pixel count) and small images
+    (shorter side), all from the header and the file's last bytes."""
 
     name = "image_size"
     Params = ImageSizeParams
     columns = HEADER_COLUMNS
-    thresholds = frozenset({"min_side", "max_pixels", "allowed_formats"})
+    thresholds = frozenset({"min_side", "max_pixels", "allowed_formats", "require_matching_extension"})
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         return annotate_headers(batch)
@@ -65,10 +93,14 @@ class ImageSizeStage(Stage):
     def reject_reason(self) -> pl.Expr:
         p: ImageSizeParams = self.params
         width, height = pl.col("image_width"), pl.col("image_height")
+        promised = pl.col("image_ext").replace_strict(EXTENSION_FORMATS, default=None)
         return first_reason(
+            (pl.col("image_error") == "empty_file", "empty_file"),
             (pl.col("image_error").is_not_null(), "undecodable_header"),
-            (~pl.col("image_format").is_in(p.allowed_formats), "unsupported_format"),
             (width.cast(pl.Int64) * height.cast(pl.Int64) > p.max_pixels, "too_many_pixels"),
+            (~pl.col("image_format").is_in(p.allowed_formats), "unsupported_format"),
+            (pl.lit(p.require_matching_extension) & (promised != pl.col("image_format")), "extension_mismatch"),
+            (pl.col("image_complete") == False, "truncated"),  # noqa: E712 - polars expression
             (pl.min_horizontal(width, height) < p.min_side, "too_small"),
         )
 

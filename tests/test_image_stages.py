@@ -73,23 +73,31 @@ def test_header_only_broken_and_hostile_images():
         b"this is not an image",
         good[: len(good) // 3],  # truncated body: the header is intact, and no stage decodes pixels
         png_header(100_000, 100_000),  # decompression bomb: refused from the header alone
-        png_header(640, 480),  # a PNG (e.g. one named .jpg): its real format is recorded
+        png_header(640, 480),  # a PNG named .jpg (the helper names every image .jpg)
         jpeg(1000, 200),  # 5:1 panorama
         jpeg(300, 300),
     ]
     rows = curate(IMAGE_STAGES, ["caption"] * len(images), images)
     assert [r["drop_reason"] for r in rows] == [
+        "image_size:empty_file",
         "image_size:undecodable_header",
-        "image_size:undecodable_header",
-        None,
+        "image_size:truncated",  # the header is intact: found from the missing end-of-image marker
         "image_size:too_many_pixels",
-        None,
+        "image_size:extension_mismatch",  # a PNG named .jpg
         "aspect_ratio:extreme_aspect_ratio",
         None,
     ]
     assert rows[0]["image_error"] == "empty_file"
     assert rows[3]["image_width"] == 100_000 and rows[4]["image_format"] == "PNG"
+    assert [r["image_complete"] for r in rows[2:]] == [False, True, True, True, True]
     assert rows[5]["aspect_ratio"] == pytest.approx(5.0)
+
+
+def test_extension_mismatch_can_be_allowed():
+    rows = curate([{"stage": "image_size"}], ["c"], [png_header(640, 480)])
+    assert rows[0]["drop_reason"] == "image_size:extension_mismatch"
+    rows = curate([{"stage": "image_size", "require_matching_extension": False}], ["c"], [png_header(640, 480)])
+    assert rows[0]["drop_reason"] is None
 
 
 def test_thresholds_are_configurable():
