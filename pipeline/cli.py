@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="list completed, failed and pending shards")
     status.add_argument("output")
-    status.add_argument("--input", "-i", nargs="+", help="the run's inputs, to list pending shards too")
+    status.add_argument("--input", "-i", nargs="+",
+                        help="judge pending shards against these inputs (default: every input given to 'run')")
     status.set_defaults(handler=cmd_status)
     return parser
 
@@ -80,6 +81,8 @@ def cmd_run(args) -> int:
     config = load_config(args.config, args.overrides)
     result = run_curation(config, args.input, args.output, address=args.address, force=args.force,
                           progress=not args.quiet)
+    if result.reselected:
+        print(f"thresholds changed: re-applied to {result.reselected} completed shard(s) from their manifests")
     print(format_funnel(result.stats))
     rate = result.samples_processed / result.seconds if result.seconds else 0.0
     print(f"\n{result.processed} shard(s) processed, {result.skipped} already complete; "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
 from pipeline.curate import READ_STAGE, drop_reason_expr, verdict_frame
 from pipeline.outputs import (OutputDir, aggregate_stats, atomic_write_bytes, atomic_write_json, build_shard_tar,
                               shard_stats)
-from pipeline.shards import expand_inputs, read_shard
+from pipeline.shards import expand_inputs, read_shard, shard_stem
 
 CONFIG_FILE = "config.yaml"
 STATS_FILE = "stats.json"
@@ -36,6 +37,7 @@ class RunResult:
     failed: list[dict]
     seconds: float
     samples_processed: int
+    reselected: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -74,33 +76,49 @@ def stage_names(config: CurationConfig) -> list[str]:
     return [READ_STAGE, *(s.name for s in config.enabled_stages)]
 
 
-def check_compatible(out: OutputDir, config: CurationConfig, force: bool) -> None:
+def saved_config(out: OutputDir) -> CurationConfig | None:
+    path = out.root / CONFIG_FILE
+    if not path.is_file():
+        return None
+    return parse_config(yaml.safe_load(path.read_text()), [], source=str(path))
+
+
+def check_compatible(saved: CurationConfig, config: CurationConfig, output: Path) -> None:
     """Refuse to mix results computed with different annotation settings in one output directory."""
-    saved_path = out.root / CONFIG_FILE
-    if force or not saved_path.is_file():
-        return
-    saved = parse_config(yaml.safe_load(saved_path.read_text()), [], source=str(saved_path))
     if saved.fingerprint() != config.fingerprint():
+        changed = _changed_settings(saved, config)
         raise UsageError(
-            f"{out.root} holds results computed with different stage settings (config fingerprint "
-            f"{saved.fingerprint()}, now {config.fingerprint()}): pass --force to recompute every shard, or use "
-            "a new --output directory"
+            f"{output} holds results computed with other stage settings ({changed}): pass --force to recompute "
+            "every shard, or use a new --output directory"
         )
-    if saved.to_dict()["stages"] != config.to_dict()["stages"]:
-        raise UsageError(
-            f"{out.root} was curated with other thresholds: re-apply the new ones to the finished shards with "
-            f"'vlcurate select {out.root} --set ...' (no recompute), then rerun this command for the rest"
-        )
+
+
+def _changed_settings(old: CurationConfig, new: CurationConfig) -> str:
+    old_stages = {s["name"] if "name" in s else s["stage"]: s for s in old.to_dict()["stages"]}
+    new_stages = {s["name"] if "name" in s else s["stage"]: s for s in new.to_dict()["stages"]}
+    changes = []
+    for name in sorted(set(old_stages) | set(new_stages)):
+        a, b = old_stages.get(name, {}), new_stages.get(name, {})
+        changes += [f"{name}.{key}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+    return ", ".join(changes) or "stage order"
 
 
 def run_curation(config: CurationConfig, inputs: list[str], output: str, address: str | None = None,
                  force: bool = False, progress: bool = True) -> RunResult:
+    """Curate every input shard not yet completed with this configuration; see ``pipeline.outputs``."""
     from pipeline.plan import build_plan
 
     shards = expand_inputs(inputs)
     out = prepare_output(output)
-    check_compatible(out, config, force)
+    saved = saved_config(out)
+    reselected = 0
+    if saved is not None and not force:
+        check_compatible(saved, config, out.root)
+        if saved.to_dict() != config.to_dict():
+            # Only thresholds differ: re-apply them to the completed shards from their manifests.
+            reselected = reselect(out, config)
     atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    remember_inputs(out, [s.url for s in shards])
     fingerprint = config.fingerprint()
     done = out.done_records()
     pending = [s for s in shards if force or done.get(s.stem, {}).get("fingerprint") != fingerprint]
@@ -112,10 +130,22 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
         plan = build_plan(pending, config.enabled_stages, str(out.root), fingerprint, config.name)
         summaries = _consume(plan, len(pending), progress)
     seconds = time.perf_counter() - started
+    out.remove_temporary_files()
     stats = write_stats(out, config)
     failed = [s for s in summaries if s["error"] is not None]
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
-                     seconds=seconds, samples_processed=sum(s["total"] for s in summaries))
+                     seconds=seconds, samples_processed=sum(s["total"] for s in summaries), reselected=reselected)
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def remember_inputs(out: OutputDir, urls: list[str]) -> None:
+    """Every shard ever given for this output directory, so that `vlcurate status` can list pending ones."""
+    path = out.state / INPUTS_FILE
+    known = set(json.loads(path.read_text())["shards"]) if path.is_file() else set()
+    if not set(urls) <= known:
+        atomic_write_json(path, {"shards": sorted(known | set(urls))})
 
 
 def _consume(plan, total_shards: int, progress: bool) -> list[dict]:
@@ -163,38 +193,43 @@ def select_thresholds(output: str, overrides: list[str]) -> dict:
     annotates again. Only settings listed in a stage's ``thresholds`` may change."""
     current = load_saved_config(output)
     new = load_saved_config(output, overrides)
-    if new.fingerprint() != current.fingerprint() or [s.name for s in new.enabled_stages] != [
-        s.name for s in current.enabled_stages
-    ]:
+    if new.fingerprint() != current.fingerprint():
         raise ConfigError(
-            "select can only change thresholds (" + ", ".join(_threshold_keys(new.enabled_stages)) + "); other "
-            "settings change the scores: rerun 'vlcurate run ... --force' instead"
+            f"select can only change thresholds, not {_changed_settings(current, new)}; thresholds are: "
+            + ", ".join(_threshold_keys(new.enabled_stages))
+            + ". Other settings change the scores: rerun 'vlcurate run ... --force' instead"
         )
     out = OutputDir(output)
     out.remove_temporary_files()
-    stages = [s.build() for s in new.enabled_stages]
-    names = stage_names(new)
+    changed = reselect(out, new)
+    stats = write_stats(out, new)
+    stats["shards_reselected"] = changed
+    return stats
+
+
+def reselect(out: OutputDir, config: CurationConfig) -> int:
+    """Recompute verdicts of every completed shard with ``config``'s thresholds; rewrite the shards that change.
+    Returns how many shards changed. The saved config is updated last."""
+    stages = [s.build() for s in config.enabled_stages]
+    names = stage_names(config)
     changed_shards = 0
     for stem, record in out.done_records().items():
         manifest = pq.read_table(out.manifest_path(stem))
-        frame = verdict_frame(manifest, stages)
-        reasons = frame.select(drop_reason_expr(stages)).to_series().to_list()
+        reasons = verdict_frame(manifest, stages).select(drop_reason_expr(stages)).to_series().to_list()
         if reasons == manifest.column("drop_reason").to_pylist():
             continue
         changed_shards += 1
-        kept = pa.array([r is None for r in reasons])
         manifest = manifest.set_column(manifest.column_names.index("drop_reason"), "drop_reason",
                                        pa.array(reasons, pa.string()))
-        manifest = manifest.set_column(manifest.column_names.index("kept"), "kept", kept)
+        manifest = manifest.set_column(manifest.column_names.index("kept"), "kept",
+                                       pa.array([r is None for r in reasons]))
         _rewrite_shard(out, stem, record["source"], manifest)
         sink = pa.BufferOutputStream()
         pq.write_table(manifest, sink, compression="zstd")
         atomic_write_bytes(out.manifest_path(stem), sink.getvalue().to_pybytes())
         atomic_write_json(out.done_path(stem), {**record, **shard_stats(reasons, names)})
-    atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(new.to_dict(), sort_keys=False).encode())
-    stats = write_stats(out, new)
-    stats["shards_reselected"] = changed_shards
-    return stats
+    atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    return changed_shards
 
 
 def _threshold_keys(specs: list[StageSpec]) -> list[str]:
@@ -213,10 +248,19 @@ def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table) -
 
 
 def shard_status(output: str, inputs: list[str] | None = None) -> dict[str, list[str]]:
+    """Completed, failed and pending shards; pending is judged against ``inputs`` or every input seen so far."""
     out = OutputDir(output)
+    if not (out.root / CONFIG_FILE).is_file():
+        raise UsageError(f"{output} is not a vlcurate output directory (no {CONFIG_FILE}): run 'vlcurate run' first")
     done = out.done_records()
     failed = {stem: rec for stem, rec in out.failed_records().items() if stem not in done}
-    status = {"completed": sorted(done), "failed": sorted(f"{stem}: {rec['error']}" for stem, rec in failed.items())}
     if inputs:
-        status["pending"] = sorted(s.stem for s in expand_inputs(inputs) if s.stem not in done and s.stem not in failed)
-    return status
+        known = [s.stem for s in expand_inputs(inputs)]
+    else:
+        path = out.state / INPUTS_FILE
+        known = [shard_stem(url) for url in json.loads(path.read_text())["shards"]] if path.is_file() else []
+    return {
+        "completed": sorted(done),
+        "failed": sorted(f"{stem}: {rec['error']}" for stem, rec in failed.items()),
+        "pending": sorted(stem for stem in known if stem not in done and stem not in failed),
+    }
