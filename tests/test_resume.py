@@ -174,3 +174,35 @@ def test_bad_input_catalogue_each_case_has_its_own_reason(ray_cluster, tmp_path)
     stats = result.stats
     assert stats["total"] == 9 and stats["kept"] == 1
     assert stats["kept"] + sum(stats["dropped_by_reason"].values()) == stats["total"]
+
+
+def test_killed_ray_worker_is_retried_and_outputs_are_exact(ray_cluster, tmp_path):
+    import threading
+
+    import psutil
+
+    inputs = make_inputs(tmp_path / "in", 24)
+    clean, hit = tmp_path / "clean", tmp_path / "hit"
+    config = load_config(QWEN)
+    run_curation(config, [str(inputs)], str(clean), progress=False)
+    killed = []
+
+    def kill_a_worker_mid_run():
+        deadline = time.time() + 120
+        while time.time() < deadline and len(list((hit / "_state").glob("*.done.json"))) < 1:
+            time.sleep(0.01)
+        while time.time() < deadline and len(list((hit / "_state").glob("*.done.json"))) < 24:
+            for process in psutil.process_iter(["pid", "cmdline"]):
+                if "MapBatches(read_shards)" in " ".join(process.info["cmdline"] or []):
+                    os.kill(process.info["pid"], signal.SIGKILL)
+                    killed.append(process.info["pid"])
+                    return
+
+    killer = threading.Thread(target=kill_a_worker_mid_run, daemon=True)
+    killer.start()
+    result = run_curation(config, [str(inputs)], str(hit), progress=False)
+    killer.join()
+    assert killed, "no worker was running when the run was part-way"
+    assert result.processed == 24 and not result.failed
+    assert_same_outputs(clean, hit)
+    assert leftovers(hit) == []
