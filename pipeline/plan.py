@@ -20,7 +20,7 @@ import ray
 
 from pipeline.config import StageSpec
 from pipeline.curate import READ_STAGE, annotate_shard, finish_shard
-from pipeline.outputs import OutputDir, write_shard_failure, write_shard_outputs
+from pipeline.outputs import OutputDir, write_shard_outputs
 from pipeline.shards import Shard, ShardError, read_shard
 from stages import Stage
 
@@ -94,7 +94,8 @@ def run_stage(batch: pa.Table, specs: list[StageSpec], position: int) -> pa.Tabl
 
 def write_outputs(batch: pa.Table, specs: list[StageSpec], out_root: str, fingerprint: str,
                   config_name: str) -> pa.Table:
-    """Finish verdicts and write each shard's outputs; returns one small summary row per shard."""
+    """Finish verdicts and write each shard's outputs; returns one small summary row per shard, with the error
+    of a shard that failed anywhere along the plan."""
     stages = _cached_stages(specs)
     stage_names = [READ_STAGE, *(s.name for s in stages)]
     out = OutputDir(out_root)
@@ -109,9 +110,7 @@ def write_outputs(batch: pa.Table, specs: list[StageSpec], out_root: str, finger
                 summary.update(total=record["total"], kept=record["kept"])
             except Exception as exc:  # noqa: BLE001
                 summary["error"] = f"writing outputs: {_describe(exc)}"
-        if summary["error"] is not None:
-            write_shard_failure(out, row["stem"], row["shard"], summary["error"], fingerprint)
-        summaries.append(summary)
+        summaries.append(summary)  # the driver records failed shards
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 

@@ -18,7 +18,7 @@ import yaml
 from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
 from pipeline.curate import READ_STAGE, drop_reason_expr, verdict_frame
 from pipeline.outputs import (OutputDir, aggregate_stats, atomic_write_bytes, atomic_write_json, build_shard_tar,
-                              shard_stats)
+                              shard_stats, write_shard_failure)
 from pipeline.shards import expand_inputs, read_shard, shard_stem
 
 CONFIG_FILE = "config.yaml"
@@ -129,6 +129,8 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
     if pending:
         plan = build_plan(pending, config.enabled_stages, str(out.root), fingerprint, config.name)
         summaries = _consume(plan, len(pending), progress)
+        for failure in (s for s in summaries if s["error"] is not None):
+            write_shard_failure(out, failure["stem"], failure["shard"], failure["error"], fingerprint)
     seconds = time.perf_counter() - started
     out.remove_temporary_files()
     stats = write_stats(out, config)
