@@ -29,10 +29,10 @@ def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Ta
         reasons = verdicts(table, earlier)
         targets = [i for i, ok in enumerate(readable) if ok and reasons[i] is None]
     else:
-        targets = [i for i, ok in enumerate(readable) if ok and _no_error(table, i)]
-    captions = table.column("caption").to_pylist()
-    images = table.column("image").to_pylist()
-    values, failures = _annotate_isolating_failures(stage, targets, captions, images)
+        errored = (table.column("error_stage").is_valid().to_pylist() if "error_stage" in table.column_names
+                   else [False] * table.num_rows)
+        targets = [i for i, (ok, failed) in enumerate(zip(readable, errored)) if ok and not failed]
+    values, failures = _annotate_isolating_failures(stage, table, targets)
 
     n = table.num_rows
     for name, dtype in stage.columns.items():
@@ -41,6 +41,7 @@ def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Ta
             column[i] = value
         table = _set_column(table, name, pa.array(column, type=dtype))
     if stage.rewrites_caption:
+        captions = table.column("caption").to_pylist()
         for i, value in zip(values["index"], values["caption"]):
             captions[i] = value
         table = _set_column(table, "caption", pa.array(captions, type=pa.string()))
@@ -57,17 +58,13 @@ def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Ta
     return table
 
 
-def _no_error(table: pa.Table, i: int) -> bool:
-    return "error_stage" not in table.column_names or table.column("error_stage")[i].as_py() is None
-
-
 def _annotate_isolating_failures(
-    stage: Stage, targets: list[int], captions: list, images: list
+    stage: Stage, table: pa.Table, targets: list[int]
 ) -> tuple[dict[str, list], dict[int, str]]:
     """Annotate all targets at once; if that raises, retry one sample at a time to find the bad ones."""
 
     def batch_of(indices: list[int]) -> SampleBatch:
-        return SampleBatch(index=indices, captions=[captions[i] for i in indices], images=[images[i] for i in indices])
+        return SampleBatch(table, indices)
 
     try:
         result = stage.annotate(batch_of(targets))

@@ -13,6 +13,7 @@ only affect the verdict; every other setting changes the annotations and therefo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import polars as pl
@@ -27,17 +28,32 @@ class StageParams:
     num_cpus: float = 1.0
 
 
-@dataclasses.dataclass
 class SampleBatch:
-    """The samples of one shard that a stage annotates, as plain Python lists.
+    """The samples of one shard that a stage annotates.
 
-    ``captions`` is the current (already cleaned by earlier stages) caption and ``images`` the raw image bytes;
-    both are aligned with ``index``, the positions of these samples in the shard table.
+    ``index`` holds their positions in the shard table; ``captions`` (the current caption, already cleaned by
+    earlier stages) and ``images`` (raw bytes) are materialised only when a stage reads them, so text stages
+    never copy image bytes.
     """
 
-    index: list[int]
-    captions: list[str]
-    images: list[bytes]
+    def __init__(self, table: pa.Table, index: list[int]):
+        self._table = table
+        self.index = index
+
+    def _column(self, name: str) -> list:
+        return self._table.column(name).take(pa.array(self.index, pa.int64())).to_pylist()
+
+    def annotation(self, name: str) -> list | None:
+        """An earlier stage's annotation column for these samples, or None when no stage wrote it."""
+        return self._column(name) if name in self._table.column_names else None
+
+    @functools.cached_property
+    def captions(self) -> list[str]:
+        return self._column("caption")
+
+    @functools.cached_property
+    def images(self) -> list[bytes]:
+        return self._column("image")
 
     def __len__(self) -> int:
         return len(self.index)

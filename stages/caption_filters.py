@@ -66,6 +66,8 @@ class CharsetStage(Stage):
         return folded.isascii() and folded.isalnum()
 
     def offending(self, text: str) -> str:
+        if text.isascii():
+            return ""
         text = unicodedata.normalize("NFC", text)  # "e" + combining acute -> "é"
         found: dict[str, None] = {}
         for ch in text:
@@ -157,6 +159,9 @@ class EmojiStage(Stage):
         ignore = set(self.params.ignore)
         counts, found = [], []
         for caption in batch.captions:
+            if caption.isascii():  # every emoji, keycaps included, has a non-ASCII code point
+                counts.append(0), found.append("")
+                continue
             matches = [m["emoji"] for m in emoji.emoji_list(caption) if m["emoji"] not in ignore]
             counts.append(len(matches))
             found.append("".join(dict.fromkeys(matches)))
@@ -201,7 +206,7 @@ class LengthStage(Stage):
         for caption in batch.captions:
             words.append(len(caption.split()))
             chars.append(sum(1 for ch in caption if not ch.isspace()))
-            cjk.append(sum(1 for ch in caption if is_cjk_ideograph(ch)))
+            cjk.append(0 if caption.isascii() else sum(1 for ch in caption if is_cjk_ideograph(ch)))
             # Very long text is certainly over the limit: cap the work spent tokenising it.
             tokens.append(len(tokenizer.encode(caption[:4000])) + 2)
         return {"length_words": words, "length_chars": chars, "length_cjk_chars": cjk, "length_clip_tokens": tokens}

@@ -119,9 +119,11 @@ class AspectRatioStage(Stage):
     thresholds = frozenset({"max_ratio"})
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
-        ratios = []
-        for width, height, _, _ in map(read_header, batch.images):
-            ratios.append(max(width, height) / min(width, height) if width and height else None)
+        widths, heights = batch.annotation("image_width"), batch.annotation("image_height")
+        if widths is None or heights is None:  # image_size is switched off: read the headers here
+            headers = [read_header(data) for data in batch.images]
+            widths, heights = [h[0] for h in headers], [h[1] for h in headers]
+        ratios = [max(w, h) / min(w, h) if w and h else None for w, h in zip(widths, heights)]
         return {"aspect_ratio": ratios}
 
     def reject_reason(self) -> pl.Expr:

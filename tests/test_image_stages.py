@@ -104,3 +104,11 @@ def test_thresholds_are_configurable():
     images = [jpeg(150, 150), jpeg(700, 200)]
     entries = [{"stage": "image_size", "min_side": 100}, {"stage": "aspect_ratio", "max_ratio": 4.0}]
     assert [r["drop_reason"] for r in curate(entries, ["c", "c"], images)] == [None, None]
+
+
+def test_aspect_ratio_reads_headers_itself_when_image_size_is_off():
+    images = [jpeg(900, 200), jpeg(300, 200), b"junk"]
+    alone = curate([{"stage": "aspect_ratio"}], ["c"] * 3, images)
+    after = curate(IMAGE_STAGES, ["c"] * 3, images)
+    assert [r["aspect_ratio"] for r in alone] == [r["aspect_ratio"] for r in after] == [4.5, 1.5, None]
+    assert alone[2]["drop_reason"] == "aspect_ratio:undecodable_header"
