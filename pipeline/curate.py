@@ -35,7 +35,7 @@ def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Ta
     values, failures = _annotate_isolating_failures(stage, table, targets)
 
     n = table.num_rows
-    for name, dtype in stage.columns.items():
+    for name, dtype in {**stage.columns, **stage.transient_columns}.items():
         column: list = [None] * n
         for i, value in zip(values["index"], values.get(name, [])):
             column[i] = value
@@ -114,7 +114,7 @@ def drop_reason_expr(stages: Iterable[Stage]) -> pl.Expr:
 def verdict_frame(table: pa.Table | pl.DataFrame, stages: list[Stage]) -> pl.DataFrame:
     """The columns verdicts need, with ``error_stage`` present even when no stage has failed."""
     if isinstance(table, pa.Table):
-        table = table.drop_columns([c for c in ("image",) if c in table.column_names])
+        table = table.drop_columns([c for c in ("image", "pixels") if c in table.column_names])
         table = pl.from_arrow(table)
     frame = table
     if "error_stage" not in frame.columns:
@@ -126,8 +126,34 @@ def verdicts(table: pa.Table, stages: list[Stage]) -> list[str | None]:
     return verdict_frame(table, stages).select(drop_reason_expr(stages)).to_series().to_list()
 
 
+def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] | None]:
+    """Per sample, the captions to write if kept: a stage with a caption policy (CapFilt) may replace the
+    caption or add extra pairs; otherwise the cleaned caption. Null for dropped samples."""
+    deciders = [s for s in stages if type(s).output_captions is not Stage.output_captions]
+    results: list[list[str] | None] = []
+    for row in frame.to_dicts():
+        if row["drop_reason"] is not None:
+            results.append(None)
+            continue
+        captions = [row["caption"]]
+        for stage in deciders:
+            captions = stage.output_captions(row) or captions
+        results.append(captions)
+    return results
+
+
+def apply_verdicts(table: pa.Table, stages: list[Stage]) -> pa.Table:
+    """Set ``drop_reason``, ``kept`` and ``output_captions`` from the annotations and the stages' thresholds."""
+    frame = verdict_frame(table, stages)
+    reasons = frame.select(drop_reason_expr(stages)).to_series()
+    table = _set_column(table, "drop_reason", reasons.to_arrow().cast(pa.string()))
+    table = _set_column(table, "kept", pa.array(reasons.is_null().to_list(), pa.bool_()))
+    captions = output_captions(frame.with_columns(reasons), stages)
+    return _set_column(table, "output_captions", pa.array(captions, pa.list_(pa.string())))
+
+
 def finish_shard(table: pa.Table, stages: list[Stage]) -> pa.Table:
-    """Add the final ``drop_reason`` and ``kept`` columns."""
-    reasons = pa.array(verdicts(table, stages), type=pa.string())
-    table = _set_column(table, "drop_reason", reasons)
-    return _set_column(table, "kept", reasons.is_null())
+    """Final verdicts, without the transient columns (decoded pixels) that only stages needed."""
+    transient = {name for stage in stages for name in stage.transient_columns}
+    table = table.drop_columns([c for c in table.column_names if c in transient])
+    return apply_verdicts(table, stages)

@@ -105,7 +105,7 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def annotation_columns(table: pa.Table) -> list[str]:
     fixed = {"key", "position", "image", "image_ext", "metadata_json", "caption_original", "caption", "read_error",
-             "error_stage", "error_message", "drop_reason", "kept", "shard"}
+             "error_stage", "error_message", "drop_reason", "kept", "shard", "output_captions"}
     return [name for name in table.column_names if name not in fixed]
 
 
@@ -131,17 +131,23 @@ def _tar_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def build_shard_tar(table: pa.Table, source: str) -> bytes:
-    """The kept samples as a WebDataset tar: image bytes unchanged, cleaned caption, metadata plus results."""
+    """The kept samples as a WebDataset tar: image bytes unchanged, the output caption, metadata plus results.
+
+    When a caption policy added extra pairs (CapFilt's ``extra_pairs``), each becomes a sample of its own,
+    ``KEY_pairN``, with the same image bytes."""
     extra = annotation_columns(table)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
         for row in table.filter(table.column("kept")).to_pylist():
             results = {"source_shard": source, "caption_original": row["caption_original"]}
             results.update({name: row[name] for name in extra if row[name] is not None})
-            key = row["key"]
-            _tar_member(archive, f"{key}.{row['image_ext']}", row["image"])
-            _tar_member(archive, f"{key}.txt", row["caption"].encode("utf-8"))
-            _tar_member(archive, f"{key}.json", sample_json(row["metadata_json"], results))
+            captions = row.get("output_captions") or [row["caption"]]
+            for index, caption in enumerate(captions):
+                key = row["key"] if index == 0 else f"{row['key']}_pair{index}"
+                pair_results = results if index == 0 else {**results, "pair_of": row["key"]}
+                _tar_member(archive, f"{key}.{row['image_ext']}", row["image"])
+                _tar_member(archive, f"{key}.txt", caption.encode("utf-8"))
+                _tar_member(archive, f"{key}.json", sample_json(row["metadata_json"], pair_results))
     return buffer.getvalue()
 
 

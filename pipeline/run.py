@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
-from pipeline.curate import READ_STAGE, drop_reason_expr, verdict_frame
+from pipeline.curate import READ_STAGE, apply_verdicts
 from pipeline.outputs import (OutputDir, aggregate_stats, atomic_write_bytes, atomic_write_json, build_shard_tar,
                               shard_stats, write_shard_failure)
 from pipeline.shards import expand_inputs, read_shard, shard_stem
@@ -217,19 +217,17 @@ def reselect(out: OutputDir, config: CurationConfig) -> int:
     changed_shards = 0
     for stem, record in out.done_records().items():
         manifest = pq.read_table(out.manifest_path(stem))
-        reasons = verdict_frame(manifest, stages).select(drop_reason_expr(stages)).to_series().to_list()
-        if reasons == manifest.column("drop_reason").to_pylist():
+        updated = apply_verdicts(manifest, stages)
+        if all(updated.column(c).equals(manifest.column(c)) for c in ("drop_reason", "output_captions")
+               if c in manifest.column_names):
             continue
         changed_shards += 1
-        manifest = manifest.set_column(manifest.column_names.index("drop_reason"), "drop_reason",
-                                       pa.array(reasons, pa.string()))
-        manifest = manifest.set_column(manifest.column_names.index("kept"), "kept",
-                                       pa.array([r is None for r in reasons]))
-        _rewrite_shard(out, stem, record["source"], manifest)
+        _rewrite_shard(out, stem, record["source"], updated)
         sink = pa.BufferOutputStream()
-        pq.write_table(manifest, sink, compression="zstd")
+        pq.write_table(updated, sink, compression="zstd")
         atomic_write_bytes(out.manifest_path(stem), sink.getvalue().to_pybytes())
-        atomic_write_json(out.done_path(stem), {**record, **shard_stats(reasons, names)})
+        atomic_write_json(out.done_path(stem),
+                          {**record, **shard_stats(updated.column("drop_reason").to_pylist(), names)})
     atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     return changed_shards
 

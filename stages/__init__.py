@@ -3,7 +3,9 @@
 from stages.base import SampleBatch, Stage, StageParams
 from stages.caption_cleaning import HtmlStage, PatternsStage
 from stages.caption_filters import CharsetStage, EmojiStage, LanguageStage, LengthStage
+from stages.image_decode import DecodeStage
 from stages.image_header import AspectRatioStage, ImageSizeStage
+from stages.model_scores import CapFiltStage, ClipScoreStage
 
 STAGES: dict[str, type[Stage]] = {
     cls.name: cls
@@ -16,6 +18,9 @@ STAGES: dict[str, type[Stage]] = {
         LengthStage,
         ImageSizeStage,
         AspectRatioStage,
+        DecodeStage,
+        ClipScoreStage,
+        CapFiltStage,
     )
 }
 

@@ -55,6 +55,10 @@ class SampleBatch:
     def images(self) -> list[bytes]:
         return self._column("image")
 
+    @functools.cached_property
+    def keys(self) -> list[str]:
+        return self._column("key")
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -66,6 +70,10 @@ class Stage:
     Params: ClassVar[type[StageParams]] = StageParams
     # Annotation columns this stage writes into the manifest, with their Arrow types.
     columns: ClassVar[dict[str, pa.DataType]] = {}
+    # Columns passed on to later stages but never written to manifests or shards (decoded pixels).
+    transient_columns: ClassVar[dict[str, pa.DataType]] = {}
+    # Model stages run in a Ray actor pool (one model per actor) instead of plain tasks.
+    uses_actor_pool: ClassVar[bool] = False
     # Settings that only change the verdict (re-applicable from manifests by `vlcurate select`).
     thresholds: ClassVar[frozenset[str]] = frozenset()
     # True when the stage rewrites the caption that later stages and the output see.
@@ -83,6 +91,11 @@ class Stage:
 
     def reject_reason(self) -> pl.Expr | None:
         """A polars expression over the annotation columns: a short reason string, or null to keep."""
+        return None
+
+    def output_captions(self, row: dict) -> list[str] | None:
+        """Captions to write for a kept sample (first: its .txt; more: extra pairs), or None to leave them be.
+        Applied at selection time, so it may only depend on annotations and thresholds."""
         return None
 
     @classmethod

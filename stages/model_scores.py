@@ -1,0 +1,184 @@
+"""Model stages: CLIP image-text score and BLIP CapFilt. They run as Ray actor pools (one model per actor),
+on a GPU where the cluster has one and on the CPU otherwise, with the same code; they only see samples that
+passed every earlier stage."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import zlib
+
+import polars as pl
+import pyarrow as pa
+
+from models.devices import resolve_device
+from stages.base import SampleBatch, Stage, StageParams, first_reason
+from stages.image_decode import batch_images
+
+
+@dataclasses.dataclass
+class ModelStageParams(StageParams):
+    device: str = "auto"  # "auto": CUDA when the actor has a GPU, else CPU
+    num_gpus: float = 1.0  # per actor, fractional allowed; 0 on clusters without GPUs (checked before asking)
+    pool_size: int = 1  # actors in the pool
+    batch_size: int = 32  # images per forward pass
+    precision: str = "bf16"  # autocast dtype on GPU (bf16, fp16, fp32); always float32 on CPU
+    image_size: int = 224  # decode size used when no decode stage ran before this one
+
+
+class ModelStage(Stage):
+    only_survivors = True
+    uses_actor_pool = True
+    Params = ModelStageParams
+
+    def __init__(self, params: ModelStageParams):
+        super().__init__(params)
+        if params.precision not in ("bf16", "fp16", "fp32"):
+            raise ValueError(f"precision must be bf16, fp16 or fp32, got {params.precision!r}")
+        self._model = None
+
+    @property
+    def device(self) -> str:
+        return resolve_device(self.params.device)
+
+    def sub_batches(self, batch: SampleBatch):
+        """(images, captions, keys) in slices of ``batch_size``; images come from the decode stage."""
+        images = batch_images(batch, self.params.image_size)
+        captions, keys = batch.captions, batch.keys
+        step = self.params.batch_size
+        for start in range(0, len(images), step):
+            yield images[start:start + step], captions[start:start + step], keys[start:start + step]
+
+    @classmethod
+    def annotation_settings(cls, params):
+        skip = {"device", "num_gpus", "pool_size", "batch_size", "precision"}
+        return {k: v for k, v in super().annotation_settings(params).items() if k not in skip}
+
+
+@dataclasses.dataclass
+class ClipScoreParams(ModelStageParams):
+    model: str = "ViT-L-14"
+    pretrained: str = "openai"  # tag, checkpoint file, or empty with hf-hub:/local-dir: models
+    model_config: str = ""  # JSON file or folder registering a custom open_clip architecture
+    threshold: float = 0.0  # absolute minimum score (LAION: 0.28 with ViT-B/32)
+    top_fraction: float = 0.0  # keep this fraction of the best-scored samples over the whole run (DataComp: 0.3)
+
+
+class ClipScoreStage(ModelStage):
+    """CLIP score: cosine similarity of the normalised image and caption embeddings (DataComp's definition)."""
+
+    name = "clip_score"
+    Params = ClipScoreParams
+    columns = {"clip_score": pa.float32()}
+    thresholds = frozenset({"threshold", "top_fraction"})
+
+    def __init__(self, params: ClipScoreParams):
+        super().__init__(params)
+        if not 0.0 <= params.top_fraction <= 1.0:
+            raise ValueError(f"top_fraction must be between 0 and 1, got {params.top_fraction}")
+
+    def load(self):
+        from models.clip import ClipScorer
+
+        if self._model is None:
+            p: ClipScoreParams = self.params
+            self._model = ClipScorer(p.model, p.pretrained, p.model_config, self.device, p.precision)
+        return self._model
+
+    def annotate(self, batch: SampleBatch) -> dict[str, list]:
+        scorer = self.load()
+        scores: list[float] = []
+        for images, captions, _ in self.sub_batches(batch):
+            scores += scorer.score(images, captions)
+        return {"clip_score": scores}
+
+    def reject_reason(self) -> pl.Expr:
+        return first_reason((pl.col("clip_score") < self.params.threshold, "low_score"))
+
+
+@dataclasses.dataclass
+class CapFiltParams(ModelStageParams):
+    captioner: str = "Salesforce/blip-image-captioning-large"  # hub name or local directory
+    filter: str = "Salesforce/blip-itm-large-coco"
+    num_captions: int = 3  # synthetic captions per image
+    prompt: str = "a picture of "
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    min_length: int = 5
+    max_length: int = 30
+    seed: int = 0  # synthetic captions are reproducible per sample: reruns write the same outputs
+    itm_threshold: float = 0.5  # a caption whose p(match) is below this is noise (BLIP: 0.5)
+    policy: str = "replace"  # "replace": noisy web captions are replaced; "extra_pairs": passing synthetic
+    #                          captions become additional (image, caption) pairs as well
+    image_size: int = 384
+
+
+class CapFiltStage(ModelStage):
+    """BLIP CapFilt: a captioner writes synthetic captions; the ITM filter scores the web caption and every
+    synthetic one; the image is dropped when no caption passes."""
+
+    name = "capfilt"
+    Params = CapFiltParams
+    columns = {
+        "capfilt_web_itm": pa.float32(),
+        "capfilt_synthetic": pa.list_(pa.string()),
+        "capfilt_synthetic_itm": pa.list_(pa.float32()),
+    }
+    thresholds = frozenset({"itm_threshold", "policy"})
+
+    def __init__(self, params: CapFiltParams):
+        super().__init__(params)
+        if params.policy not in ("replace", "extra_pairs"):
+            raise ValueError(f"policy must be 'replace' or 'extra_pairs', got {params.policy!r}")
+
+    def load(self):
+        from models.blip import BlipCaptioner, BlipItmFilter
+
+        if self._model is None:
+            p: CapFiltParams = self.params
+            captioner = BlipCaptioner(p.captioner, self.device, p.precision, p.prompt, p.top_p, p.repetition_penalty,
+                                      p.min_length, p.max_length)
+            self._model = captioner, BlipItmFilter(p.filter, self.device, p.precision)
+        return self._model
+
+    def annotate(self, batch: SampleBatch) -> dict[str, list]:
+        captioner, itm = self.load()
+        n = self.params.num_captions
+        web_scores, synthetic, synthetic_scores = [], [], []
+        for images, captions, keys in self.sub_batches(batch):
+            seed = zlib.crc32("\n".join(keys).encode()) ^ self.params.seed
+            generated = captioner.caption(images, n, seed) if n else [[] for _ in images]
+            pair_images = [image for image, texts in zip(images, generated) for image in [image] * (1 + len(texts))]
+            pair_texts = [text for caption, texts in zip(captions, generated) for text in [caption, *texts]]
+            probabilities = itm.match_probability(pair_images, pair_texts)
+            offset = 0
+            for texts in generated:
+                web_scores.append(probabilities[offset])
+                synthetic.append(texts)
+                synthetic_scores.append(probabilities[offset + 1:offset + 1 + len(texts)])
+                offset += 1 + len(texts)
+        return {"capfilt_web_itm": web_scores, "capfilt_synthetic": synthetic,
+                "capfilt_synthetic_itm": synthetic_scores}
+
+    def reject_reason(self) -> pl.Expr:
+        threshold = self.params.itm_threshold
+        best_synthetic = pl.col("capfilt_synthetic_itm").list.max().fill_null(-math.inf)
+        return first_reason(
+            ((pl.col("capfilt_web_itm") < threshold) & (best_synthetic < threshold), "no_matching_caption"),
+        )
+
+    def output_captions(self, row: dict) -> list[str] | None:
+        """Captions written for a kept sample: the first is its .txt, the others extra pairs (policy)."""
+        if row.get("capfilt_web_itm") is None:
+            return None
+        threshold = self.params.itm_threshold
+        passing = sorted(
+            ((score, text) for text, score in zip(row["capfilt_synthetic"] or [], row["capfilt_synthetic_itm"] or [])
+             if score >= threshold),
+            reverse=True,
+        )
+        captions = [row["caption"]] if row["capfilt_web_itm"] >= threshold else []
+        captions += [text for _, text in passing if text not in captions]
+        if self.params.policy == "replace":
+            captions = captions[:1]
+        return captions or None
