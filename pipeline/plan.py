@@ -92,6 +92,18 @@ def run_stage(batch: pa.Table, specs: list[StageSpec], position: int) -> pa.Tabl
     return _to_batch(rows)
 
 
+class StageActor:
+    """One model stage in a Ray actor: the model loads once, in the constructor, and serves many shards."""
+
+    def __init__(self, specs: list[StageSpec], position: int):
+        self.specs, self.position = specs, position
+        stage = _cached_stages(specs)[position]
+        stage.load()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return run_stage(batch, self.specs, self.position)
+
+
 def write_outputs(batch: pa.Table, specs: list[StageSpec], out_root: str, fingerprint: str,
                   config_name: str) -> pa.Table:
     """Finish verdicts and write each shard's outputs; returns one small summary row per shard, with the error
@@ -119,19 +131,35 @@ SUMMARY_SCHEMA = pa.schema([("stem", pa.string()), ("shard", pa.string()), ("tot
 
 
 def build_plan(shards: list[Shard], specs: list[StageSpec], out_root: str, fingerprint: str,
-               config_name: str) -> ray.data.Dataset:
-    """The whole job as one lazy Ray dataset of per-shard summary rows."""
+               config_name: str, gpus_available: float = 0.0) -> ray.data.Dataset:
+    """The whole job as one lazy Ray dataset of per-shard summary rows.
+
+    CPU stages are plain tasks (Ray fuses consecutive ones, so one worker reads, annotates and writes a shard);
+    model stages are actor pools, so CPU stages of other shards overlap with their model work. A model stage asks
+    for GPUs only when the cluster has some: a GPU request on a CPU-only cluster would wait forever."""
     items = [{"shard": s.url, "stem": s.stem} for s in shards]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     dataset = dataset.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=1)
     for position, spec in enumerate(specs):
-        dataset = dataset.map_batches(
-            run_stage,
-            fn_kwargs={"specs": specs, "position": position},
-            batch_size=1,
-            batch_format="pyarrow",
-            num_cpus=spec.params.num_cpus,
-        )
+        if spec.stage_class.uses_actor_pool:
+            params = spec.params
+            dataset = dataset.map_batches(
+                StageActor,
+                fn_constructor_kwargs={"specs": specs, "position": position},
+                compute=ray.data.ActorPoolStrategy(size=params.pool_size),
+                num_gpus=params.num_gpus if gpus_available else 0,
+                num_cpus=params.num_cpus,
+                batch_size=1,
+                batch_format="pyarrow",
+            )
+        else:
+            dataset = dataset.map_batches(
+                run_stage,
+                fn_kwargs={"specs": specs, "position": position},
+                batch_size=1,
+                batch_format="pyarrow",
+                num_cpus=spec.params.num_cpus,
+            )
     return dataset.map_batches(
         write_outputs,
         fn_kwargs={"specs": specs, "out_root": out_root, "fingerprint": fingerprint, "config_name": config_name},

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -127,16 +128,33 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
         init_ray(address)
     started = time.perf_counter()  # Ray start-up excluded: on a cluster it is paid once, not per run
     if pending:
-        plan = build_plan(pending, config.enabled_stages, str(out.root), fingerprint, config.name)
+        plan = build_plan(pending, config.enabled_stages, str(out.root), fingerprint, config.name,
+                          gpus_available=cluster_gpus(config))
         summaries = _consume(plan, len(pending), progress)
         for failure in (s for s in summaries if s["error"] is not None):
             write_shard_failure(out, failure["stem"], failure["shard"], failure["error"], fingerprint)
     seconds = time.perf_counter() - started
     out.remove_temporary_files()
+    if any(getattr(s.params, "top_fraction", 0) for s in config.enabled_stages) and summaries:
+        reselected += reselect(out, config)  # a top fraction is exact only over the whole run
     stats = write_stats(out, config)
     failed = [s for s in summaries if s["error"] is not None]
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
                      seconds=seconds, samples_processed=sum(s["total"] for s in summaries), reselected=reselected)
+
+
+def cluster_gpus(config: CurationConfig) -> float:
+    """GPUs the cluster offers to model stages; warns when a stage wants GPUs that are not there."""
+    import ray
+
+    wanted = [s.name for s in config.enabled_stages if s.stage_class.uses_actor_pool and s.params.num_gpus > 0]
+    if not wanted:
+        return 0.0
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    if gpus == 0:
+        print(f"vlcurate: warning: no GPU in the Ray cluster; {', '.join(wanted)} will run on CPU actors",
+              file=sys.stderr)
+    return gpus
 
 
 INPUTS_FILE = "inputs.json"
@@ -212,7 +230,7 @@ def select_thresholds(output: str, overrides: list[str]) -> dict:
 def reselect(out: OutputDir, config: CurationConfig) -> int:
     """Recompute verdicts of every completed shard with ``config``'s thresholds; rewrite the shards that change.
     Returns how many shards changed. The saved config is updated last."""
-    stages = [s.build() for s in config.enabled_stages]
+    stages = resolve_top_fractions(out, [s.build() for s in config.enabled_stages])
     names = stage_names(config)
     changed_shards = 0
     for stem, record in out.done_records().items():
@@ -230,6 +248,30 @@ def reselect(out: OutputDir, config: CurationConfig) -> int:
                           {**record, **shard_stats(updated.column("drop_reason").to_pylist(), names)})
     atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     return changed_shards
+
+
+def resolve_top_fractions(out: OutputDir, stages: list) -> list:
+    """A stage with ``top_fraction`` keeps the best-scored fraction of the samples that reach it, over every
+    completed shard: its threshold becomes the score of the last sample in that fraction (exact, from the
+    manifests)."""
+    from pipeline.curate import drop_reason_expr, verdict_frame
+
+    resolved = list(stages)
+    for position, stage in enumerate(stages):
+        fraction = getattr(stage.params, "top_fraction", 0.0)
+        if not fraction or not out.manifests.is_dir() or not any(out.manifests.glob("*.parquet")):
+            continue
+        score = next(iter(stage.columns))
+        frame = manifests_frame(out.root).collect()
+        earlier = verdict_frame(frame, stages[:position]).select(drop_reason_expr(resolved[:position]))
+        scores = frame.filter(earlier.to_series().is_null() & pl.col(score).is_not_null())[score]
+        if scores.len() == 0:
+            continue
+        keep = max(1, math.ceil(fraction * scores.len()))
+        cutoff = float(scores.sort(descending=True)[keep - 1])
+        params = dataclasses.replace(stage.params, threshold=max(stage.params.threshold, cutoff))
+        resolved[position] = type(stage)(params)
+    return resolved
 
 
 def _threshold_keys(specs: list[StageSpec]) -> list[str]:

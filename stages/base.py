@@ -85,6 +85,10 @@ class Stage:
     def __init__(self, params: StageParams):
         self.params = params
 
+    def load(self) -> Any:
+        """Load models or other heavy resources (model stages load once per actor); nothing by default."""
+        return None
+
     def annotate(self, batch: SampleBatch) -> dict[str, list[Any]]:
         """Return one list per column in ``columns`` (plus ``caption`` when ``rewrites_caption``)."""
         raise NotImplementedError

@@ -60,7 +60,7 @@ class ClipScoreParams(ModelStageParams):
     model: str = "ViT-L-14"
     pretrained: str = "openai"  # tag, checkpoint file, or empty with hf-hub:/local-dir: models
     model_config: str = ""  # JSON file or folder registering a custom open_clip architecture
-    threshold: float = 0.0  # absolute minimum score (LAION: 0.28 with ViT-B/32)
+    threshold: float = -1.0  # absolute minimum score; -1 keeps all (LAION used 0.28 with ViT-B/32)
     top_fraction: float = 0.0  # keep this fraction of the best-scored samples over the whole run (DataComp: 0.3)
 
 
@@ -76,6 +76,11 @@ class ClipScoreStage(ModelStage):
         super().__init__(params)
         if not 0.0 <= params.top_fraction <= 1.0:
             raise ValueError(f"top_fraction must be between 0 and 1, got {params.top_fraction}")
+        if not params.pretrained and not params.model.startswith(("hf-hub:", "local-dir:")):
+            raise ValueError(
+                f"CLIP model {params.model!r} needs 'pretrained': a tag such as 'openai', a checkpoint file, or "
+                "use an 'hf-hub:'/'local-dir:' model; random weights would make every score meaningless"
+            )
 
     def load(self):
         from models.clip import ClipScorer
