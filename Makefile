@@ -17,7 +17,7 @@ install: $(BIN)/vlcurate
 
 demo: install
 	@test -d $(DATA) || { echo "demo data $(DATA) not found: pass DATA=path/to/shards"; exit 2; }
-	$(BIN)/vlcurate run configs/qwen-vl.yaml --input $(DATA) --output $(OUT)
+	$(BIN)/vlcurate run configs/qwen-vl-rules.yaml --input $(DATA) --output $(OUT)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -140,7 +140,7 @@ def main():
     parser.add_argument("--samples", type=int, default=20_000)
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (img2dataset: 10000)")
-    parser.add_argument("--config", default=str(ROOT / "configs" / "qwen-vl.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "qwen-vl-rules.yaml"))
     args = parser.parse_args()
     if not FLICKR.is_dir():
         sys.exit(f"{FLICKR} not found: the benchmark replicates the real Flickr8k shards")

@@ -26,6 +26,7 @@ import yaml
 from stages import STAGES, Stage, StageParams
 
 TOP_LEVEL_KEYS = {"name", "description", "stages"}
+DERIVED_KEYS = {"base", "set", "name", "description"}  # a recipe that starts from another one
 
 
 class ConfigError(ValueError):
@@ -77,14 +78,34 @@ class CurationConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> CurationConfig:
+    """Load a recipe. A recipe may start from another (``base: qwen-vl.yaml``, relative to itself) and change
+    settings with a ``set:`` mapping, written like --set keys; command-line overrides apply last."""
     path = Path(path)
+    raw = _read_yaml(path)
+    extra: list[str] = []
+    if isinstance(raw, dict) and "base" in raw:
+        unknown = set(raw) - DERIVED_KEYS
+        if unknown:
+            raise ConfigError(f"{path}: a recipe with 'base' takes only {sorted(DERIVED_KEYS)}, not {sorted(unknown)}")
+        settings = raw.get("set") or {}
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{path}: 'set' must map STAGE.KEY to a value")
+        base = _read_yaml(path.parent / str(raw["base"]))
+        if not isinstance(base, dict) or "base" in base:
+            raise ConfigError(f"{path}: base {raw['base']} must be a plain recipe (no base of its own)")
+        base.update({k: raw[k] for k in ("name", "description") if k in raw})
+        extra = [f"{key}={json.dumps(value)}" for key, value in settings.items()]
+        raw = base
+    return parse_config(raw, extra + (overrides or []), source=str(path))
+
+
+def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: pass a recipe such as configs/qwen-vl.yaml")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    return parse_config(raw, overrides or [], source=str(path))
 
 
 def parse_config(raw: Any, overrides: list[str], source: str = "config") -> CurationConfig:

@@ -15,9 +15,15 @@ def vlcurate(*args, cwd=ROOT):
 
 
 def test_shipped_recipes_load():
+    rules = ["html", "patterns", "charset", "language", "emoji", "length", "image_size", "aspect_ratio"]
     qwen = load_config(ROOT / "configs" / "qwen-vl.yaml")
-    assert [s.name for s in qwen.stages] == ["html", "patterns", "charset", "language", "emoji", "length",
-                                             "image_size", "aspect_ratio"]
+    assert [s.name for s in qwen.stages] == rules + ["decode", "clip_score", "capfilt"]
+    by_name = {s.name: s.params for s in qwen.stages}
+    assert (by_name["clip_score"].model, by_name["clip_score"].pretrained) == ("ViT-L-14", "openai")
+    assert by_name["capfilt"].filter == "Salesforce/blip-itm-large-coco"
+    offline = load_config(ROOT / "configs" / "qwen-vl-rules.yaml")
+    assert offline.name == "qwen-vl-rules" and [s.name for s in offline.enabled_stages] == rules
+    assert offline.fingerprint() != qwen.fingerprint()
     basic = load_config(ROOT / "configs" / "datacomp-basic.yaml")
     assert [s.name for s in basic.stages] == ["language", "length", "image_size", "aspect_ratio"]
     assert basic.stages[1].params.min_words == 3 and basic.stages[2].params.min_side == 200
@@ -58,6 +64,15 @@ def test_config_errors_name_the_problem(raw, message):
     with pytest.raises(ConfigError) as error:
         parse_config(raw, [])
     assert message in str(error.value)
+
+
+def test_base_recipe_errors(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml does not exist"):
+        load_config(tmp_path / "child.yaml")
+    (tmp_path / "child.yaml").write_text(f"base: {ROOT / 'configs' / 'qwen-vl.yaml'}\nstages: []\n")
+    with pytest.raises(ConfigError, match="takes only"):
+        load_config(tmp_path / "child.yaml")
 
 
 def test_bad_override_names_the_stages():

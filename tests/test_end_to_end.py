@@ -38,7 +38,7 @@ def inputs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def curated(ray_cluster, inputs, tmp_path_factory):
     out = tmp_path_factory.mktemp("curated")
-    config = load_config(ROOT / "configs" / "qwen-vl.yaml")
+    config = load_config(ROOT / "configs" / "qwen-vl-rules.yaml")
     result = run_curation(config, [str(inputs)], str(out), progress=False)
     return config, result, out
 

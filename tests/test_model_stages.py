@@ -16,7 +16,7 @@ from helpers import curate
 from pipeline.config import ConfigError, load_config, parse_config
 from pipeline.run import run_curation, select_thresholds
 from stages.image_decode import decode_square
-from tiny_models import TINY_CLIP, save_tiny_blip, save_tiny_clip
+from models.tiny import TINY_CLIP, save_tiny_blip, save_tiny_clip
 
 
 @pytest.fixture(scope="session")

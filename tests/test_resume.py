@@ -15,7 +15,7 @@ from conftest import FLICKR, ROOT, flickr_members, require, write_tar
 from pipeline.config import load_config
 from pipeline.run import UsageError, run_curation, shard_status
 
-QWEN = ROOT / "configs" / "qwen-vl.yaml"
+QWEN = ROOT / "configs" / "qwen-vl-rules.yaml"
 
 
 def make_inputs(folder, copies):

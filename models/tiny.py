@@ -1,5 +1,6 @@
-"""Tiny CLIP and BLIP models that tests build and save themselves, then load through the real loading code
-(open_clip names + checkpoint files or local-dir:, transformers from_pretrained on a directory)."""
+"""Tiny CLIP and BLIP models, built and saved on the spot, for offline tests, demos and benchmarks. They load
+through the same code as the real ones (open_clip names with checkpoint files or local-dir:, transformers
+from_pretrained on a directory)."""
 
 import json
 from pathlib import Path
