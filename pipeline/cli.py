@@ -11,6 +11,7 @@ import polars as pl
 from models.langid import ModelFileError
 from pipeline.config import ConfigError, load_config
 from pipeline.shards import InputError
+from pipeline.synth import NOISE_TYPES
 
 EXIT_USAGE = 2
 
@@ -72,7 +73,41 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--input", "-i", nargs="+",
                         help="judge pending shards against these inputs (default: every input given to 'run')")
     status.set_defaults(handler=cmd_status)
+    synth = commands.add_parser("synth", help="write learnable synthetic shards with ground truth and noise")
+    synth.add_argument("--output", "-o", required=True)
+    synth.add_argument("--samples", type=int, default=1000)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=224, help="image side in pixels")
+    synth.add_argument("--shard-size", type=int, default=1000)
+    synth.add_argument("--chinese", type=float, default=0.15, help="share of clean captions in Chinese")
+    synth.add_argument("--noise-rate", type=float, default=0.0,
+                       help="share of noisy samples, spread evenly over every noise type")
+    synth.add_argument("--noise", action="append", default=[], metavar="TYPE=P",
+                       help="probability of one noise type (repeatable); types: " + ", ".join(NOISE_TYPES))
+    synth.set_defaults(handler=cmd_synth)
     return parser
+
+
+def cmd_synth(args) -> int:
+    from pipeline.synth import SynthOptions, default_noise, write_synth
+
+    noise = default_noise(args.noise_rate) if args.noise_rate else {}
+    for item in args.noise:
+        name, sep, value = item.partition("=")
+        try:
+            noise[name] = float(value) if sep else float("nan")
+        except ValueError:
+            raise ConfigError(f"--noise {item!r}: expected TYPE=PROBABILITY, e.g. --noise mismatched=0.1") from None
+        if noise[name] != noise[name] or not 0 <= noise[name] <= 1:
+            raise ConfigError(f"--noise {item!r}: the probability must be between 0 and 1")
+    try:
+        options = SynthOptions(samples=args.samples, seed=args.seed, size=args.size, shard_size=args.shard_size,
+                               chinese=args.chinese, noise=noise)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    paths = write_synth(args.output, options)
+    print(f"wrote {args.samples} samples in {len(paths)} shard(s) to {args.output}")
+    return 0
 
 
 def cmd_run(args) -> int:
