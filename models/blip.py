@@ -84,5 +84,15 @@ class BlipItmFilter:
         inputs = self.processor(images=images, text=captions, return_tensors="pt", padding=True,
                                 truncation=True).to(self.device)
         with autocast_context(self.device, self.precision):
-            logits = self.model(**inputs, use_itm_head=True).itm_score
+            image_embeds = self.model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
+            logits = itm_logits(self.model, image_embeds, inputs["input_ids"], inputs["attention_mask"])
         return logits.float().softmax(dim=-1)[:, 1].tolist()
+
+
+def itm_logits(model, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The ITM head on (image, text) pairs, as ``BlipForImageTextRetrieval(use_itm_head=True)`` computes it, with
+    the image attention mask on the images' device (shared by the filter stage and the ITM trainer)."""
+    image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+    hidden = model.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                                encoder_attention_mask=image_mask).last_hidden_state
+    return model.itm_head(hidden[:, 0, :])

@@ -85,7 +85,53 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--noise", action="append", default=[], metavar="TYPE=P",
                        help="probability of one noise type (repeatable); types: " + ", ".join(NOISE_TYPES))
     synth.set_defaults(handler=cmd_synth)
+
+    train = commands.add_parser("train", help="train CLIP, the BLIP captioner or ITM filter, or diffusion on Ray Train")
+    train.add_argument("task", choices=["clip", "blip-captioner", "blip-itm", "diffusion"])
+    train.add_argument("config", help="training recipe, e.g. configs/train-clip-tiny.yaml")
+    train.add_argument("--data", required=True, help="curated shards (an output's shards/ folder, globs, ...)")
+    train.add_argument("--output", "-o", required=True, help="training folder; rerunning resumes from it")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE")
+    train.add_argument("--address", default=None)
+    train.set_defaults(handler=cmd_train)
+
+    sample = commands.add_parser("sample", help="generate images with a trained diffusion model")
+    sample.add_argument("model", help="a diffusion export folder (TRAINING_OUTPUT/export)")
+    sample.add_argument("--prompt", action="append", required=True, help="repeatable")
+    sample.add_argument("--output", "-o", required=True, help="folder for the PNG files")
+    sample.add_argument("--steps", type=int, default=50)
+    sample.add_argument("--guidance", type=float, default=3.0)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=cmd_sample)
     return parser
+
+
+def cmd_train(args) -> int:
+    from models.training import run_training
+
+    result = run_training(args.task, args.config, args.data, args.output, args.overrides, args.address)
+    final = {k: v for k, v in result["final"].items() if k != "final"}
+    print(f"{args.task}: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                      for k, v in final.items()))
+    print(f"exported to {result['export']}; metrics in {args.output}/metrics.jsonl")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    from pathlib import Path
+
+    from models.trainers import sample_images
+
+    if not (Path(args.model) / "vlcurate_diffusion.json").is_file():
+        raise ConfigError(f"{args.model} is not a diffusion export (no vlcurate_diffusion.json): pass "
+                          "TRAINING_OUTPUT/export")
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(sample_images(args.model, args.prompt, args.steps, args.guidance, args.seed)):
+        path = output / f"sample-{index:03d}.png"
+        image.save(path)
+        print(f"{path}: {args.prompt[index]}")
+    return 0
 
 
 def cmd_synth(args) -> int:
