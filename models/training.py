@@ -339,6 +339,9 @@ def _preprocess(batch: dict[str, np.ndarray], task: TrainTask) -> dict[str, np.n
     return task.preprocess(batch)
 
 
+LOCAL_PATH_SETTINGS = ("text_encoder", "vae", "init", "pretrained")
+
+
 def load_train_config(task_class: type[TrainTask], config_path: str, overrides: list[str]):
     """A training recipe: ``train:`` (TrainSettings) and ``model:`` (the task's settings); --set train.KEY=V."""
     import yaml
@@ -361,6 +364,10 @@ def load_train_config(task_class: type[TrainTask], config_path: str, overrides: 
         if not sep or section not in sections or not name:
             raise ConfigError(f"--set {override!r}: expected train.KEY=VALUE or model.KEY=VALUE")
         sections["model" if section == "model" else "train"][name] = yaml.safe_load(value)
+    for name in LOCAL_PATH_SETTINGS:  # Ray workers do not run in the driver's working directory
+        value = sections["model"].get(name)
+        if isinstance(value, str) and value and Path(value).exists():
+            sections["model"][name] = str(Path(value).resolve())
     train = build_params(TrainSettings, sections["train"], f"{path}: train")
     model = build_params(task_class.Settings, sections["model"], f"{path}: model")
     if train.precision not in ("bf16", "fp16", "fp32"):
