@@ -284,6 +284,9 @@ class _CaptionerModule(torch.nn.Module):
 @dataclasses.dataclass
 class BlipItmSettings(BlipModelSettings):
     itc_temperature: float = 0.07  # initial; learnable, clamped to [0.001, 0.5]
+    # Negatives are drawn from a mix of the contrastive-similarity distribution (hard) and a uniform one: a model
+    # trained from scratch learns nothing from hard negatives alone (its similarities are still noise).
+    hard_negative_mix: float = 0.5
 
 
 @register
@@ -304,7 +307,7 @@ class BlipItmTask(_BlipTask):
                 "attention_mask": text["attention_mask"].astype(np.int64), "caption_id": caption_ids}
 
     def build(self):
-        return _ItmModule(self.build_model(), self.settings.itc_temperature)
+        return _ItmModule(self.build_model(), self.settings.itc_temperature, self.settings.hard_negative_mix)
 
     def after_step(self, module):
         with torch.no_grad():
@@ -338,9 +341,9 @@ def auc(positives: list[float], negatives: list[float]) -> float:
 
 
 class _ItmModule(torch.nn.Module):
-    def __init__(self, model, temperature):
+    def __init__(self, model, temperature, hard_negative_mix):
         super().__init__()
-        self.model = model
+        self.model, self.hard_negative_mix = model, hard_negative_mix
         self.temperature = torch.nn.Parameter(torch.tensor(float(temperature)))
 
     def forward(self, batch):
@@ -359,8 +362,12 @@ class _ItmModule(torch.nn.Module):
         # Hard negatives: sample by contrastive similarity, never the pair itself or an identical caption.
         same = batch["caption_id"][:, None] == batch["caption_id"][None, :]
         with torch.no_grad():
-            weights_i2t = F.softmax(sim_i2t.float(), dim=1).masked_fill(same, 0) + 1e-8 * (~same)
-            weights_t2i = F.softmax(sim_i2t.T.float(), dim=1).masked_fill(same, 0) + 1e-8 * (~same)
+            uniform = torch.full_like(sim_i2t, 1.0 / len(sim_i2t), dtype=torch.float32)
+            mix = self.hard_negative_mix
+            weights_i2t = mix * F.softmax(sim_i2t.float(), dim=1) + (1 - mix) * uniform
+            weights_t2i = mix * F.softmax(sim_i2t.T.float(), dim=1) + (1 - mix) * uniform
+            weights_i2t = weights_i2t.masked_fill(same, 0) + 1e-8 * (~same)
+            weights_t2i = weights_t2i.masked_fill(same, 0) + 1e-8 * (~same)
             negative_text = torch.multinomial(weights_i2t, 1).squeeze(1)
             negative_image = torch.multinomial(weights_t2i, 1).squeeze(1)
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -506,9 +513,11 @@ class DiffusionTask(TrainTask):
             for batch in batches:
                 if len(batch["tokens"]) < 2:
                     continue
-                noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-                right.append(float(module.denoising_loss(batch["image"], batch["tokens"], noise_seed)))
-                shuffled.append(float(module.denoising_loss(batch["image"], batch["tokens"].roll(1, 0), noise_seed)))
+                for _ in range(3):  # three noise draws per batch, the same for both captions
+                    noise_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+                    right.append(float(module.denoising_loss(batch["image"], batch["tokens"], noise_seed)))
+                    shuffled.append(float(module.denoising_loss(batch["image"], batch["tokens"].roll(1, 0),
+                                                                 noise_seed)))
         return {"eval_loss_right_caption": float(np.mean(right)),
                 "eval_loss_shuffled_caption": float(np.mean(shuffled))}
 

@@ -199,6 +199,8 @@ def train_loop_per_worker(config: dict) -> None:
         step = state["step"]
         if rank == 0:
             print(f"[{task.name}] resumed from checkpoint at step {step}", flush=True)
+            with (Path(config["output"]) / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps({"step": step, "event": "resumed"}) + "\n")
 
     metrics_path = Path(config["output"]) / "metrics.jsonl"
     writer = _tensorboard(Path(config["output"])) if rank == 0 else None
