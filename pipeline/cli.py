@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="probability of one noise type (repeatable); types: " + ", ".join(NOISE_TYPES))
     synth.set_defaults(handler=cmd_synth)
 
+    report = commands.add_parser("report", help="write a self-contained HTML report of an output directory")
+    report.add_argument("output")
+    report.add_argument("--training", nargs="*", default=[], help="training folders: loss curves and final metrics")
+    report.add_argument("--samples", default=None, help="a folder of diffusion samples (vlcurate sample --output)")
+    report.set_defaults(handler=cmd_report)
+
     train = commands.add_parser("train", help="train CLIP, the BLIP captioner or ITM filter, or diffusion on Ray Train")
     train.add_argument("task", choices=["clip", "blip-captioner", "blip-itm", "diffusion"])
     train.add_argument("config", help="training recipe, e.g. configs/train-clip-tiny.yaml")
@@ -104,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=cmd_sample)
     return parser
+
+
+def cmd_report(args) -> int:
+    from pipeline.report import write_report
+
+    path = write_report(args.output, args.training, args.samples)
+    print(f"report: {path}")
+    return 0
 
 
 def cmd_train(args) -> int:

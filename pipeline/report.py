@@ -1,0 +1,262 @@
+"""`vlcurate report DIR`: one self-contained HTML page (figures and thumbnails embedded) plus the PNG figures.
+
+Sections: the funnel per stage; a histogram of each score with its threshold marked; kept samples; dropped
+samples per reason, with their captions; CapFilt's caption changes; and, when training folders are given, loss
+curves and diffusion samples.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import polars as pl
+
+from pipeline.outputs import OutputDir
+from pipeline.run import load_saved_config, manifests_frame
+from pipeline.shards import read_shard
+
+# Score column -> (stage, threshold setting, which side fails)
+SCORES = {
+    "clip_score": ("clip_score", "threshold", "below"),
+    "capfilt_web_itm": ("capfilt", "itm_threshold", "below"),
+    "language_allowed_prob": ("language", "min_prob", "below"),
+    "length_clip_tokens": ("length", "max_clip_tokens", "above"),
+    "length_words": ("length", "min_words", "below"),
+    "aspect_ratio": ("aspect_ratio", "max_ratio", "above"),
+    "image_min_side": ("image_size", "min_side", "below"),
+}
+THUMBNAIL = 96
+PER_REASON = 6
+KEPT_SHOWN = 12
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _thumbnail(data: bytes | None) -> str | None:
+    from PIL import Image
+
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.draft("RGB", (THUMBNAIL, THUMBNAIL))
+            image = image.convert("RGB")
+            image.thumbnail((THUMBNAIL, THUMBNAIL))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            return _data_uri(buffer.getvalue())
+    except Exception:  # noqa: BLE001 - an undecodable image is shown as such
+        return None
+
+
+def funnel_figure(stats: dict):
+    import matplotlib.pyplot as plt
+
+    names = [row["stage"] for row in stats["funnel"]]
+    remaining = [row["out"] for row in stats["funnel"]]
+    dropped = [row["dropped"] for row in stats["funnel"]]
+    figure, axis = plt.subplots(figsize=(8, 3.2))
+    axis.bar(names, remaining, color="#4c8c4a", label="remaining")
+    axis.bar(names, dropped, bottom=remaining, color="#d9534f", label="dropped here")
+    axis.set_ylabel("samples")
+    axis.set_title(f"funnel: {stats['kept']} of {stats['total']} kept")
+    axis.legend()
+    plt.setp(axis.get_xticklabels(), rotation=30, ha="right")
+    png = _png(figure)
+    plt.close(figure)
+    return png
+
+
+def score_figure(values: list[float], column: str, threshold: float | None, side: str):
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(4.2, 2.8))
+    axis.hist(values, bins=40, color="#5b7db1")
+    if threshold is not None:
+        axis.axvline(threshold, color="#d9534f", linestyle="--", label=f"threshold {threshold:g} ({side} fails)")
+        axis.legend(fontsize=7)
+    axis.set_title(column)
+    axis.set_ylabel("samples")
+    png = _png(figure)
+    plt.close(figure)
+    return png
+
+
+def loss_figure(name: str, lines: list[dict]):
+    import matplotlib.pyplot as plt
+
+    points = [(m["step"], m["loss"]) for m in lines if "loss" in m]
+    figure, axis = plt.subplots(figsize=(4.2, 2.8))
+    axis.plot([p[0] for p in points], [p[1] for p in points], color="#5b7db1")
+    axis.set_title(f"{name}: training loss")
+    axis.set_xlabel("step")
+    png = _png(figure)
+    plt.close(figure)
+    return png
+
+
+def write_report(output: str, training: list[str] | None = None, samples: str | None = None) -> Path:
+    """Write OUTPUT/report/index.html (self-contained) and the figures as PNG files beside it."""
+    out = OutputDir(output)
+    config = load_saved_config(output)
+    stats = json.loads((out.root / "stats.json").read_text())
+    frame = manifests_frame(output).collect()
+    if {"image_width", "image_height"} <= set(frame.columns):
+        frame = frame.with_columns(pl.min_horizontal("image_width", "image_height").alias("image_min_side"))
+    folder = out.root / "report"
+    folder.mkdir(exist_ok=True)
+    figures: list[tuple[str, str, bytes]] = [("funnel", "Funnel per stage", funnel_figure(stats))]
+    params = {s.name: s.params for s in config.enabled_stages}
+    for column, (stage, setting, side) in SCORES.items():
+        if column not in frame.columns or stage not in params:
+            continue
+        values = frame[column].drop_nulls().cast(pl.Float64).to_list()
+        if values:
+            threshold = getattr(params[stage], setting, None)
+            figures.append((column, f"{column} ({len(values)} scored)", score_figure(values, column, threshold, side)))
+    for training_dir in training or []:
+        metrics_path = Path(training_dir) / "metrics.jsonl"
+        if metrics_path.is_file():
+            lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+            name = Path(training_dir).name
+            figures.append((f"loss-{name}", f"training loss: {name}", loss_figure(name, lines)))
+    for name, _, png in figures:
+        (folder / f"{name}.png").write_bytes(png)
+
+    sections = [_figures_html(figures), _kept_html(out, frame), _dropped_html(frame), _capfilt_html(frame),
+                _training_html(training or []), _samples_html(samples)]
+    page = PAGE.format(title=html.escape(f"vlcurate report: {config.name}"), total=stats["total"], kept=stats["kept"],
+                       body="\n".join(s for s in sections if s))
+    path = folder / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _figures_html(figures) -> str:
+    cells = "".join(f'<figure><img class="figure" alt="{html.escape(title)}" src="{_data_uri(png)}">'
+                    f"<figcaption>{html.escape(title)}</figcaption></figure>" for _, title, png in figures)
+    return f"<h2>Figures</h2><div class='grid'>{cells}</div>"
+
+
+def _card(image_uri: str | None, caption: str, note: str = "") -> str:
+    image = (f'<img class="thumb" alt="sample" src="{image_uri}">' if image_uri
+             else "<div class='thumb broken'>no image</div>")
+    return (f"<div class='card'>{image}<div class='caption'>{html.escape(caption or '')}</div>"
+            f"<div class='note'>{html.escape(note)}</div></div>")
+
+
+def _images_for(rows: list[dict]) -> dict[tuple[str, str], bytes]:
+    """Image bytes of the given manifest rows, read from their input shards."""
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        wanted.setdefault(row["shard"], set()).add(row["key"])
+    found = {}
+    for shard, keys in wanted.items():
+        try:
+            table = read_shard(shard).select(["key", "image"])
+        except Exception:  # noqa: BLE001 - the input may have moved since the run
+            continue
+        for key, image in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
+            if key in keys:
+                found[(shard, key)] = image
+    return found
+
+
+def _kept_html(out: OutputDir, frame: pl.DataFrame) -> str:
+    rows = frame.filter(pl.col("kept")).head(KEPT_SHOWN).to_dicts()
+    images = _images_for(rows)
+    cards = "".join(_card(_thumbnail(images.get((r["shard"], r["key"]))), (r.get("output_captions") or
+                                                                            [r["caption"]])[0], r["key"]) for r in rows)
+    return f"<h2>Kept samples</h2><div class='grid'>{cards}</div>"
+
+
+def _dropped_html(frame: pl.DataFrame) -> str:
+    dropped = frame.filter(pl.col("drop_reason").is_not_null())
+    reasons = dropped["drop_reason"].value_counts(sort=True).to_dicts()
+    rows = [r for reason in reasons for r in dropped.filter(pl.col("drop_reason") == reason["drop_reason"])
+            .head(PER_REASON).to_dicts()]
+    images = _images_for(rows)
+    parts = []
+    for reason in reasons:
+        name = reason["drop_reason"]
+        cards = "".join(_card(_thumbnail(images.get((r["shard"], r["key"]))), r["caption_original"] or "", r["key"])
+                        for r in rows if r["drop_reason"] == name)
+        parts.append(f"<h3>{html.escape(name)} ({reason['count']})</h3><div class='grid'>{cards}</div>")
+    return "<h2>Dropped samples, per reason</h2>" + "".join(parts)
+
+
+def _capfilt_html(frame: pl.DataFrame) -> str:
+    if "capfilt_web_itm" not in frame.columns:
+        return ""
+    changed = frame.filter(pl.col("kept") & pl.col("output_captions").is_not_null()
+                           & (pl.col("output_captions").list.first() != pl.col("caption")))
+    rows = changed.head(20).to_dicts()
+    lines = "".join(f"<tr><td>{html.escape(r['key'])}</td><td>{html.escape(r['caption'])}</td>"
+                    f"<td>{r['capfilt_web_itm']:.2f}</td><td>{html.escape(r['output_captions'][0])}</td></tr>"
+                    for r in rows)
+    return (f"<h2>CapFilt: captions replaced ({changed.height})</h2><table><tr><th>key</th><th>web caption</th>"
+            f"<th>p(match)</th><th>written caption</th></tr>{lines}</table>")
+
+
+def _training_html(training: list[str]) -> str:
+    parts = []
+    for training_dir in training:
+        path = Path(training_dir) / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        final = [json.loads(line) for line in path.read_text().splitlines()][-1]
+        values = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()
+                           if k not in ("final",))
+        parts.append(f"<li><b>{html.escape(Path(training_dir).name)}</b>: {html.escape(values)}</li>")
+    return f"<h2>Training</h2><ul>{''.join(parts)}</ul>" if parts else ""
+
+
+def _samples_html(samples: str | None) -> str:
+    if not samples or not Path(samples).is_dir():
+        return ""
+    cards = []
+    for png in sorted(Path(samples).glob("*.png")):
+        prompt_file = png.with_suffix(".txt")
+        prompt = prompt_file.read_text() if prompt_file.exists() else png.stem
+        cards.append(_card(_thumbnail(png.read_bytes()), prompt))
+    return f"<h2>Diffusion samples</h2><div class='grid'>{''.join(cards)}</div>"
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+.grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
+.card {{ width: 160px; font-size: 12px; }}
+.thumb {{ width: 96px; height: 96px; object-fit: contain; background: #eee; image-rendering: pixelated; }}
+.broken {{ display: flex; align-items: center; justify-content: center; color: #a00; }}
+.note {{ color: #777; }}
+figure {{ margin: 0; }}
+table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ border: 1px solid #ccc; padding: 4px; }}
+</style></head>
+<body>
+<h1>{title}</h1>
+<p>{kept} of {total} samples kept.</p>
+{body}
+<script>
+window.addEventListener("load", () => {{
+  const images = Array.from(document.images);
+  document.body.dataset.images = images.length;
+  document.body.dataset.loaded = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.dataset.figures = document.querySelectorAll("img.figure").length;
+}});
+</script>
+</body></html>
+"""
