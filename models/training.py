@@ -208,9 +208,11 @@ def train_loop_per_worker(config: dict) -> None:
     micro, window_steps, window_samples, window_start = 0, 0, 0, time.perf_counter()
     running: dict[str, float] = {}
     while step < train.max_steps:
+        batches_this_epoch = 0
         for batch in dataset.iter_torch_batches(batch_size=train.batch_size, device=device, drop_last=True,
                                                 local_shuffle_buffer_size=train.shuffle_buffer or None,
                                                 local_shuffle_seed=train.seed + step + rank):
+            batches_this_epoch += 1
             module.train()
             with autocast_context(device.type, train.precision):
                 loss, parts = module(batch)
@@ -239,6 +241,10 @@ def train_loop_per_worker(config: dict) -> None:
                 _report(metrics, task, inner, optimizer, scheduler, step, rank, train, metrics_path, writer)
             if step >= train.max_steps:
                 break
+        if batches_this_epoch == 0:
+            raise ValueError(
+                f"no training batch: worker {rank} has fewer than batch_size={train.batch_size} samples per epoch; "
+                "give more data, or lower train.batch_size (or train.eval_shards)")
     if rank == 0:
         final = {"step": step, "final": True, **task.evaluate(inner, _eval_batches(task, config, device))}
         with metrics_path.open("a") as handle:

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="probability of one noise type (repeatable); types: " + ", ".join(NOISE_TYPES))
     synth.set_defaults(handler=cmd_synth)
 
+    demo = commands.add_parser("demo", help="the whole bootstrapping loop, offline, on synthetic data")
+    demo.add_argument("--output", "-o", default="out/demo")
+    demo.add_argument("--quick", action="store_true", help="a much shorter run (CI)")
+    demo.add_argument("--address", default=None)
+    demo.set_defaults(handler=cmd_demo)
+
     report = commands.add_parser("report", help="write a self-contained HTML report of an output directory")
     report.add_argument("output")
     report.add_argument("--training", nargs="*", default=[], help="training folders: loss curves and final metrics")
@@ -110,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(handler=cmd_sample)
     return parser
+
+
+def cmd_demo(args) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(args.output, quick=args.quick, address=args.address)
+    return 0
 
 
 def cmd_report(args) -> int:
