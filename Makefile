@@ -1,8 +1,8 @@
-# Two commands on a fresh machine: `make demo` runs the main job on the bundled default, `make test` runs the tests.
+# Two commands on a fresh machine: `make demo` runs the whole loop on an embedded default (synthetic data made on
+# the spot, offline, CPU), `make test` runs the tests.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-DATA ?= ../shared/data/flickr8k
 OUT ?= out/demo
 
 .PHONY: demo test install clean
@@ -16,8 +16,7 @@ $(BIN)/vlcurate: pyproject.toml
 install: $(BIN)/vlcurate
 
 demo: install
-	@test -d $(DATA) || { echo "demo data $(DATA) not found: pass DATA=path/to/shards"; exit 2; }
-	$(BIN)/vlcurate run configs/qwen-vl-rules.yaml --input $(DATA) --output $(OUT)
+	$(BIN)/vlcurate demo --output $(OUT)
 
 test: install
 	$(BIN)/python -m pytest -q tests

@@ -343,8 +343,22 @@ def run_training(task_name: str, config_path: str, data: str, output: str, overr
 
 
 def _preprocess(batch: dict[str, np.ndarray], task: TrainTask) -> dict[str, np.ndarray]:
-    """Ray Data UDF: the task's CPU preprocessing (decode, augment, tokenise)."""
-    return task.preprocess(batch)
+    """Ray Data UDF: the task's CPU preprocessing (decode, augment, tokenise). A sample that cannot be prepared
+    (an undecodable image in uncurated data) is skipped, never the whole block."""
+    try:
+        return task.preprocess(batch)
+    except Exception:  # noqa: BLE001 - find the bad samples below
+        pass
+    rows = len(batch["txt"])
+    prepared = []
+    for i in range(rows):
+        try:
+            prepared.append(task.preprocess({k: v[i:i + 1] for k, v in batch.items()}))
+        except Exception:  # noqa: BLE001 - skipped sample
+            continue
+    if not prepared:
+        raise ValueError(f"none of {rows} samples in a block could be prepared for training")
+    return {k: np.concatenate([p[k] for p in prepared]) for k in prepared[0]}
 
 
 LOCAL_PATH_SETTINGS = ("text_encoder", "vae", "init", "pretrained")
