@@ -329,7 +329,19 @@ class BlipItmTask(_BlipTask):
                 for ids, mask, store in ((batch["input_ids"], batch["attention_mask"], matched),
                                          (batch["input_ids"].roll(1, 0), batch["attention_mask"].roll(1, 0), shuffled)):
                     store += itm_logits(module.model, embeds, ids, mask).float().softmax(-1)[:, 1].tolist()
-        return {"itm_auc": auc(matched, shuffled), "eval_pairs": len(matched)}
+        return {"itm_auc": auc(matched, shuffled), "itm_best_threshold": best_threshold(matched, shuffled),
+                "eval_pairs": len(matched)}
+
+
+def best_threshold(positives: list[float], negatives: list[float]) -> float:
+    """The p(match) threshold with the best balanced accuracy on held-out true vs shuffled pairs: a
+    per-dataset value for capfilt.itm_threshold."""
+    if not positives or not negatives:
+        return 0.5
+    pos, neg = np.asarray(positives), np.asarray(negatives)
+    candidates = np.unique(np.concatenate([pos, neg]))
+    accuracy = [((pos >= t).mean() + (neg < t).mean()) / 2 for t in candidates]
+    return float(candidates[int(np.argmax(accuracy))])
 
 
 def auc(positives: list[float], negatives: list[float]) -> float:
@@ -376,7 +388,10 @@ class _ItmModule(torch.nn.Module):
         all_masks = torch.cat([mask, mask[negative_text], mask])
         logits = itm_logits(model, all_images, all_ids, all_masks)
         labels = torch.cat([torch.ones(len(ids)), torch.zeros(2 * len(ids))]).long().to(logits.device)
-        loss_itm = F.cross_entropy(logits.float(), labels)
+        # One positive per two negatives: weight the classes equally, so that p(match) = 0.5 is the natural
+        # decision threshold (CapFilt's default) rather than the 1/3 prior.
+        class_weights = torch.tensor([1.0, 2.0], device=logits.device)
+        loss_itm = F.cross_entropy(logits.float(), labels, weight=class_weights)
         return loss_itc + loss_itm, {"loss_itc": float(loss_itc), "loss_itm": float(loss_itm)}
 
 

@@ -71,7 +71,10 @@ def run_demo(output: str, quick: bool = False, address: str | None = None) -> di
         trained[task] = folder
 
     step("6/7 re-curating with the CLIP score and CapFilt, using the checkpoints just trained")
-    final = load_config(CONFIGS / "demo.yaml", [
+    itm_final = json.loads((trained["blip-itm"] / "metrics.jsonl").read_text().splitlines()[-1])
+    itm_threshold = itm_final.get("itm_best_threshold", 0.5)  # per dataset, from the filter's held-out pairs
+    print(f"ITM filter: held-out AUC {itm_final.get('itm_auc', float('nan')):.3f}, threshold {itm_threshold:.3f}")
+    final = load_config(CONFIGS / "demo.yaml", [f"capfilt.itm_threshold={itm_threshold}",
         f"clip_score.model=local-dir:{trained['clip'] / 'export'}", "clip_score.pretrained=''",
         f"capfilt.captioner={trained['blip-captioner'] / 'export'}",
         f"capfilt.filter={trained['blip-itm'] / 'export'}"])
