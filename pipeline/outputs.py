@@ -65,17 +65,15 @@ class OutputDir:
         return removed
 
     def done_records(self) -> dict[str, dict]:
-        records = {}
-        if self.state.is_dir():
-            for path in sorted(self.state.glob("*.done.json")):
-                record = json.loads(path.read_text())
-                records[record["stem"]] = record
-        return records
+        return self._records("*.done.json")
 
     def failed_records(self) -> dict[str, dict]:
+        return self._records("*.failed.json")
+
+    def _records(self, pattern: str) -> dict[str, dict]:
         records = {}
         if self.state.is_dir():
-            for path in sorted(self.state.glob("*.failed.json")):
+            for path in sorted(self.state.glob(pattern)):
                 record = json.loads(path.read_text())
                 records[record["stem"]] = record
         return records

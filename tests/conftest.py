@@ -57,3 +57,18 @@ def flickr_members(shard: Path, limit: int) -> list[tuple[str, bytes]]:
                 keys.append(key)
             members.append((member.name, archive.extractfile(member).read()))
     return members
+
+
+def photos_and_captions(shard: Path, limit: int | None = None) -> tuple[list[bytes], list[str]]:
+    """The first ``limit`` (image bytes, caption) pairs of a shard whose samples are KEY.jpg + KEY.txt."""
+    photos, captions = [], []
+    with tarfile.open(shard) as archive:
+        for member in archive:
+            data = archive.extractfile(member).read()
+            if member.name.endswith(".jpg"):
+                photos.append(data)
+            elif member.name.endswith(".txt"):
+                captions.append(data.decode())
+            if limit is not None and len(captions) == limit and len(photos) == limit:
+                break
+    return photos, captions

@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from conftest import FLICKR, MYNTRA, ROOT, require
+from conftest import FLICKR, MYNTRA, photos_and_captions, require
 from helpers import curate
-from pipeline.config import ConfigError, load_config, parse_config
+from pipeline.config import ConfigError, parse_config
 from pipeline.run import run_curation, select_thresholds
 from stages.image_decode import decode_square
 from models.tiny import TINY_CLIP, save_tiny_blip, save_tiny_clip
@@ -26,17 +26,7 @@ def tiny(tmp_path_factory):
 
 
 def real_photos(shard, limit):
-    photos, captions = [], []
-    with tarfile.open(shard) as archive:
-        for member in archive:
-            data = archive.extractfile(member).read()
-            if member.name.endswith(".jpg"):
-                photos.append(data)
-            elif member.name.endswith(".txt"):
-                captions.append(data.decode())
-            if len(captions) == limit and len(photos) == limit:
-                break
-    return photos, captions
+    return photos_and_captions(shard, limit)
 
 
 def clip_entry(tiny, **extra):

@@ -1,6 +1,5 @@
 """Reading shards and expanding inputs: real Flickr8k shards, broken samples and broken archives."""
 
-import io
 import tarfile
 
 import pytest

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, photos_and_captions
 from helpers import curate
 from models.training import run_training
 from pipeline.synth import SynthOptions, write_synth
@@ -54,21 +54,12 @@ def test_clip_learns_and_retrieves_far_above_chance(clip_run):
 
 def test_clip_export_loads_in_open_clip_and_in_the_score_stage(clip_run, synth):
     import open_clip
-    import tarfile
 
     export = clip_run / "export"
     open_clip.add_model_config(export / "vlcurate-tiny-clip.json")
     model = open_clip.create_model("vlcurate-tiny-clip", pretrained=str(export / "checkpoint.pt"))
     assert model.visual.image_size == (32, 32)
-    images, captions = [], []
-    with tarfile.open(sorted(synth.glob("*.tar"))[-1]) as archive:
-        for member in archive:
-            data = archive.extractfile(member).read()
-            if member.name.endswith(".jpg"):
-                images.append(data)
-            elif member.name.endswith(".txt"):
-                captions.append(data.decode())
-    images, captions = images[:64], captions[:64]
+    images, captions = photos_and_captions(sorted(synth.glob("*.tar"))[-1], 64)
     entry = {"stage": "clip_score", "model": f"local-dir:{export}", "pretrained": "", "num_gpus": 0,
              "image_size": 64}
     matched = [r["clip_score"] for r in curate([entry], captions, images)]
@@ -94,17 +85,7 @@ def test_blip_captioner_and_filter_learn(blip_runs):
 
 
 def test_blip_exports_plug_into_capfilt(blip_runs, synth):
-    import tarfile
-
-    images, captions = [], []
-    with tarfile.open(sorted(synth.glob("*.tar"))[-1]) as archive:
-        for member in archive:
-            data = archive.extractfile(member).read()
-            if member.name.endswith(".jpg"):
-                images.append(data)
-            elif member.name.endswith(".txt"):
-                captions.append(data.decode())
-    images, captions = images[:48], captions[:48]
+    images, captions = photos_and_captions(sorted(synth.glob("*.tar"))[-1], 48)
     entry = {"stage": "capfilt", "captioner": str(blip_runs["blip-captioner"] / "export"),
              "filter": str(blip_runs["blip-itm"] / "export"), "num_gpus": 0, "image_size": 32,
              "num_captions": 2, "itm_threshold": 0.5}
