@@ -46,6 +46,18 @@ def members_of(shards) -> list[list[tuple[str, bytes]]]:
     return samples
 
 
+def opens(sample) -> bool:
+    from PIL import Image
+
+    image = next((data for name, data in sample if name.endswith(".jpg")), None)
+    try:
+        with Image.open(io.BytesIO(image)) as decoded:
+            decoded.load()
+        return True
+    except Exception:  # noqa: BLE001 - truncated or empty files
+        return False
+
+
 def write_samples(path: Path, samples) -> None:
     with tarfile.open(path, "w") as archive:
         for sample in samples:
@@ -83,7 +95,8 @@ def main():
     print(format_quality(drop_quality(final), caption_truth(rules), caption_truth(final)))
 
     curated = members_of(sorted((demo / "curated" / "shards").glob("*.tar")))
-    raw = members_of(sorted(data.glob("*.tar")))
+    # The uncurated pool is every raw sample whose image file opens (any loader skips the others).
+    raw = [sample for sample in members_of(sorted(data.glob("*.tar"))) if opens(sample)]
     random.Random(0).shuffle(raw)
     uncurated = raw[: len(curated)]
     work = demo / "bench-quality"

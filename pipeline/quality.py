@@ -42,8 +42,11 @@ def describes(caption: str | None, truth: dict) -> bool:
 def joined(output: str, inputs: str) -> pl.DataFrame:
     """Ground truth of every input sample beside its manifest row."""
     manifests = manifests_frame(output).collect()
-    columns = [c for c in ("shard", "key", "kept", "drop_reason", "caption", "output_captions") if c in manifests.columns]
-    return ground_truth(inputs).join(manifests.select(columns), on=["shard", "key"], how="left")
+    columns = [c for c in ("key", "kept", "drop_reason", "caption", "output_captions") if c in manifests.columns]
+    stem = pl.col("shard").str.split("/").list.last()  # the same shard, however its path was written
+    manifests = manifests.with_columns(stem.alias("shard_name")).select("shard_name", *columns)
+    truth = ground_truth(inputs).with_columns(stem.alias("shard_name"))
+    return truth.join(manifests, on=["shard_name", "key"], how="left")
 
 
 def drop_quality(frame: pl.DataFrame) -> dict:
