@@ -10,6 +10,7 @@ import polars as pl
 
 from models.langid import ModelFileError
 from pipeline.config import ConfigError, load_config
+from pipeline.run import UsageError
 from pipeline.shards import InputError
 from pipeline.synth import NOISE_TYPES
 
@@ -21,16 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, InputError, ModelFileError) as exc:
+    except (ConfigError, InputError, ModelFileError, UsageError) as exc:
         print(f"vlcurate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception as exc:  # noqa: BLE001 - our own usage errors come through run.UsageError
-        from pipeline.run import UsageError
-
-        if isinstance(exc, UsageError):
-            print(f"vlcurate: error: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        raise
     except KeyboardInterrupt:
         print("vlcurate: interrupted; rerun the same command to finish the remaining shards", file=sys.stderr)
         return 130
