@@ -254,7 +254,7 @@ def cmd_explain(args) -> int:
         print(f"vlcurate: error: no sample with key {args.key!r} in {args.output}/manifests", file=sys.stderr)
         return EXIT_USAGE
     stages = [s.build() for s in config.enabled_stages]
-    frame = verdict_frame(rows, stages)
+    frame = verdict_frame(rows)
     for row, verdict_row in zip(frame.to_dicts(), frame.select([stage_reason_expr(s).alias(s.name) for s in stages])
                                 .to_dicts()):
         print(f"key:       {row['key']}  (shard {row['shard']}, position {row['position']})")

@@ -111,7 +111,7 @@ def drop_reason_expr(stages: Iterable[Stage]) -> pl.Expr:
     return pl.coalesce([read, *(stage_reason_expr(s) for s in stages)]).alias("drop_reason")
 
 
-def verdict_frame(table: pa.Table | pl.DataFrame, stages: list[Stage]) -> pl.DataFrame:
+def verdict_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:
     """The columns verdicts need, with ``error_stage`` present even when no stage has failed."""
     if isinstance(table, pa.Table):
         table = table.drop_columns([c for c in ("image", "pixels") if c in table.column_names])
@@ -123,7 +123,7 @@ def verdict_frame(table: pa.Table | pl.DataFrame, stages: list[Stage]) -> pl.Dat
 
 
 def verdicts(table: pa.Table, stages: list[Stage]) -> list[str | None]:
-    return verdict_frame(table, stages).select(drop_reason_expr(stages)).to_series().to_list()
+    return verdict_frame(table).select(drop_reason_expr(stages)).to_series().to_list()
 
 
 def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] | None]:
@@ -144,7 +144,7 @@ def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] 
 
 def apply_verdicts(table: pa.Table, stages: list[Stage]) -> pa.Table:
     """Set ``drop_reason``, ``kept`` and ``output_captions`` from the annotations and the stages' thresholds."""
-    frame = verdict_frame(table, stages)
+    frame = verdict_frame(table)
     reasons = frame.select(drop_reason_expr(stages)).to_series()
     table = _set_column(table, "drop_reason", reasons.to_arrow().cast(pa.string()))
     table = _set_column(table, "kept", pa.array(reasons.is_null().to_list(), pa.bool_()))

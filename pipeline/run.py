@@ -263,7 +263,7 @@ def resolve_top_fractions(out: OutputDir, stages: list) -> list:
             continue
         score = next(iter(stage.columns))
         frame = manifests_frame(out.root).collect()
-        earlier = verdict_frame(frame, stages[:position]).select(drop_reason_expr(resolved[:position]))
+        earlier = verdict_frame(frame).select(drop_reason_expr(resolved[:position]))
         scores = frame.filter(earlier.to_series().is_null() & pl.col(score).is_not_null())[score]
         if scores.len() == 0:
             continue
