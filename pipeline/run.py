@@ -254,7 +254,7 @@ def resolve_top_fractions(out: OutputDir, stages: list) -> list:
     """A stage with ``top_fraction`` keeps the best-scored fraction of the samples that reach it, over every
     completed shard: its threshold becomes the score of the last sample in that fraction (exact, from the
     manifests)."""
-    from pipeline.curate import drop_reason_expr, verdict_frame
+    from pipeline.curate import drop_reason_expr
 
     resolved = list(stages)
     for position, stage in enumerate(stages):
@@ -262,13 +262,15 @@ def resolve_top_fractions(out: OutputDir, stages: list) -> list:
         if not fraction or not out.manifests.is_dir() or not any(out.manifests.glob("*.parquet")):
             continue
         score = next(iter(stage.columns))
-        frame = manifests_frame(out.root).collect()
-        earlier = verdict_frame(frame).select(drop_reason_expr(resolved[:position]))
-        scores = frame.filter(earlier.to_series().is_null() & pl.col(score).is_not_null())[score]
-        if scores.len() == 0:
+        frame = manifests_frame(out.root)  # lazy: only the verdict columns and the score are read
+        if "error_stage" not in frame.collect_schema().names():
+            frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
+        reached = frame.filter(drop_reason_expr(resolved[:position]).is_null() & pl.col(score).is_not_null())
+        count = reached.select(pl.len()).collect().item()
+        if count == 0:
             continue
-        keep = max(1, math.ceil(fraction * scores.len()))
-        cutoff = float(scores.sort(descending=True)[keep - 1])
+        keep = max(1, math.ceil(fraction * count))
+        cutoff = float(reached.select(pl.col(score).sort(descending=True).get(keep - 1)).collect().item())
         params = dataclasses.replace(stage.params, threshold=max(stage.params.threshold, cutoff))
         resolved[position] = type(stage)(params)
     return resolved
