@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.tiny import TINY_CLIP, save_tiny_blip, save_tiny_clip  # noqa: E402
 from pipeline.config import parse_config  # noqa: E402
-from pipeline.curate import annotate_shard  # noqa: E402
+from pipeline.curate import annotate_batch  # noqa: E402
 from pipeline.shards import read_shard  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
@@ -53,9 +53,9 @@ def main():
     print(f"{'stage':<12}{'samples/s':>12}")
     warm = table.slice(0, 16)
     for position, stage in enumerate(built):
-        warm = annotate_shard(warm, stage, built[:position])  # warm-up (lazy imports, first allocations)
+        warm, _ = annotate_batch(warm, stage, built[:position])  # warm-up (lazy imports, first allocations)
         started = time.perf_counter()
-        table = annotate_shard(table, stage, built[:position])
+        table, _ = annotate_batch(table, stage, built[:position])
         print(f"{stage.name:<12}{table.num_rows / (time.perf_counter() - started):>12.1f}")
 
 

@@ -52,21 +52,53 @@ class BlipCaptioner:
         return self._prompt_prefix.sub("", text, count=1).strip() if self._prompt_prefix else text.strip()
 
     @torch.inference_mode()
-    def caption(self, images: list[Image.Image], per_image: int, seed: int) -> list[list[str]]:
-        """``per_image`` nucleus-sampled captions for each image, reproducible for a given ``seed``."""
+    def caption(self, images: list[Image.Image], per_image: int, seeds: list[int]) -> list[list[str]]:
+        """``per_image`` nucleus-sampled captions for each image; image ``i``'s captions depend only on the image
+        and ``seeds[i]``, not on which other images share the batch."""
+        from transformers import LogitsProcessorList
+
         if not images:
             return []
         inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt").to(self.device)
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            with autocast_context(self.device, self.precision):
-                output = self.model.generate(pixel_values=inputs["pixel_values"], input_ids=inputs["input_ids"],
-                                             num_return_sequences=per_image, **self.generation)
-        finally:
-            torch.random.set_rng_state(generator_state)
+        row_seeds = [seed * 1_000 + copy for seed in seeds for copy in range(per_image)]
+        sampler = PerRowNucleusSampler(row_seeds, self.generation["top_p"])
+        settings = {k: v for k, v in self.generation.items() if k not in ("do_sample", "top_p")}
+        pixel_values = inputs["pixel_values"].repeat_interleave(per_image, dim=0)  # one row per caption to write
+        input_ids = inputs["input_ids"].repeat_interleave(per_image, dim=0)
+        with autocast_context(self.device, self.precision):
+            output = self.model.generate(pixel_values=pixel_values, input_ids=input_ids, do_sample=False,
+                                         logits_processor=LogitsProcessorList([sampler]), **settings)
         texts = [self.strip_prompt(t) for t in self.processor.batch_decode(output, skip_special_tokens=True)]
         return [texts[i * per_image:(i + 1) * per_image] for i in range(len(images))]
+
+
+class PerRowNucleusSampler:
+    """Nucleus sampling with one random generator per generated sequence, as a logits processor for greedy
+    decoding: each row's token is drawn with its own generator and made the only finite logit. Rows sample the
+    same whatever batch they are in (``generate``'s own sampling shares one generator across the batch)."""
+
+    def __init__(self, seeds: list[int], top_p: float):
+        self.generators = []
+        for seed in seeds:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+            self.generators.append(generator)
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probabilities = scores.float().softmax(dim=-1).cpu()
+        sorted_probs, order = probabilities.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        keep = (cumulative - sorted_probs) < self.top_p  # the smallest prefix reaching top_p (at least one)
+        sorted_probs = sorted_probs * keep
+        chosen = []
+        for row, generator in enumerate(self.generators[:scores.shape[0]]):
+            pick = torch.multinomial(sorted_probs[row], 1, generator=generator)
+            chosen.append(order[row, pick])
+        tokens = torch.cat(chosen).to(scores.device)
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, tokens.unsqueeze(1), 0.0)
+        return forced
 
 
 class BlipItmFilter:

@@ -187,14 +187,37 @@ def cmd_run(args) -> int:
         print(f"thresholds changed: re-applied to {result.reselected} completed shard(s) from their manifests")
     print(format_funnel(result.stats))
     rate = result.samples_processed / result.seconds if result.seconds else 0.0
+    if result.processed and result.stats.get("timing"):
+        print(format_timing(result.stats))
     print(f"\n{result.processed} shard(s) processed, {result.skipped} already complete; "
-          f"{result.samples_processed} samples in {result.seconds:.1f} s ({rate:.0f} samples/s)")
+          f"{result.samples_processed} samples in {result.seconds:.1f} s ({rate:.0f} samples/s), "
+          f"after {result.ray_start_seconds:.1f} s of Ray start-up")
     for failure in result.failed:
-        print(f"FAILED {failure['shard']}: {failure['error']}", file=sys.stderr)
+        print(f"FAILED {printable(failure['source'])}: {printable(failure['error'])}", file=sys.stderr)
     if result.failed:
         print(f"{len(result.failed)} shard(s) failed; rerun the same command to retry only those", file=sys.stderr)
     print(f"outputs: {args.output}/shards, manifests: {args.output}/manifests, stats: {args.output}/stats.json")
     return result.exit_code
+
+
+def printable(text: str | None) -> str:
+    """Text from inputs (keys, shard names, error messages) with control characters escaped, so that nothing a
+    shard holds can drive the terminal."""
+    if text is None:
+        return ""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(text))
+
+
+def format_timing(stats: dict) -> str:
+    """CPU seconds per stage over every completed shard (stages' own work; Ray's overhead is not in it)."""
+    timing = stats["timing"]
+    total = sum(t["cpu_seconds"] for t in timing.values()) or 1.0
+    lines = [f"\n{'time per stage':<16}{'samples':>10}{'CPU s':>10}{'share':>8}{'us/sample':>11}"]
+    for name, figures in timing.items():
+        per_sample = 1e6 * figures["cpu_seconds"] / figures["samples"] if figures["samples"] else 0.0
+        lines.append(f"{name:<16}{figures['samples']:>10}{figures['cpu_seconds']:>10.2f}"
+                     f"{100 * figures['cpu_seconds'] / total:>7.1f}%{per_sample:>11.0f}")
+    return "\n".join(lines)
 
 
 def format_funnel(stats: dict) -> str:
@@ -251,13 +274,14 @@ def cmd_explain(args) -> int:
     config = load_saved_config(args.output)
     rows = manifests_frame(args.output).filter(pl.col("key") == args.key).collect()
     if rows.height == 0:
-        print(f"vlcurate: error: no sample with key {args.key!r} in {args.output}/manifests", file=sys.stderr)
+        print(f"vlcurate: error: no sample with key {printable(repr(args.key))} in {args.output}/manifests",
+              file=sys.stderr)
         return EXIT_USAGE
     stages = [s.build() for s in config.enabled_stages]
     frame = verdict_frame(rows)
     for row, verdict_row in zip(frame.to_dicts(), frame.select([stage_reason_expr(s).alias(s.name) for s in stages])
                                 .to_dicts()):
-        print(f"key:       {row['key']}  (shard {row['shard']}, position {row['position']})")
+        print(f"key:       {printable(row['key'])}  (shard {printable(row['shard'])}, position {row['position']})")
         print(f"original:  {row['caption_original']!r}")
         print(f"cleaned:   {row['caption']!r}")
         print(f"verdict:   {'KEPT' if row['kept'] else 'DROPPED (' + row['drop_reason'] + ')'}")

@@ -23,9 +23,11 @@ from typing import Any
 
 import yaml
 
+from pipeline.shards import ReadParams
 from stages import STAGES, Stage, StageParams
 
-TOP_LEVEL_KEYS = {"name", "description", "stages"}
+TOP_LEVEL_KEYS = {"name", "description", "read", "stages"}
+READ_SECTION = "read"  # how shards are read: batch bounds and member limits (``--set read.batch_samples=256``)
 DERIVED_KEYS = {"base", "set", "name", "description"}  # a recipe that starts from another one
 
 
@@ -52,6 +54,7 @@ class CurationConfig:
     name: str
     description: str
     stages: list[StageSpec]
+    read: ReadParams = dataclasses.field(default_factory=ReadParams)
 
     @property
     def enabled_stages(self) -> list[StageSpec]:
@@ -64,6 +67,7 @@ class CurationConfig:
              "settings": s.stage_class.annotation_settings(s.params)}
             for s in self.enabled_stages
         ]
+        payload.append({"name": READ_SECTION, "settings": self.read.annotation_settings()})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,7 +78,8 @@ class CurationConfig:
                 entry["name"] = spec.name
             entry.update(dataclasses.asdict(spec.params))
             stages.append(entry)
-        return {"name": self.name, "description": self.description, "stages": stages}
+        return {"name": self.name, "description": self.description, "read": dataclasses.asdict(self.read),
+                "stages": stages}
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> CurationConfig:
@@ -123,7 +128,12 @@ def parse_config(raw: Any, overrides: list[str], source: str = "config") -> Cura
         if not isinstance(entry, dict) or "stage" not in entry:
             raise ConfigError(f"{source}: stages[{i}] must be a mapping with a 'stage' key (one of {sorted(STAGES)})")
         names.append(str(entry.get("name", entry["stage"])))
-    raw = {**raw, "stages": entries}
+    if READ_SECTION in names:
+        raise ConfigError(f"{source}: '{READ_SECTION}' is reserved for the read settings; give that stage another name")
+    read = raw.get(READ_SECTION) or {}
+    if not isinstance(read, dict):
+        raise ConfigError(f"{source}: '{READ_SECTION}' must be a mapping of read settings")
+    raw = {**raw, "stages": entries, READ_SECTION: dict(read)}
     for override in overrides:
         _apply_override(raw, names, override, source)
     specs = []
@@ -132,8 +142,24 @@ def parse_config(raw: Any, overrides: list[str], source: str = "config") -> Cura
     duplicated = {n for n in names if names.count(n) > 1}
     if duplicated:
         raise ConfigError(f"{source}: stage name(s) {sorted(duplicated)} used twice; give each a distinct 'name'")
-    return CurationConfig(name=str(raw.get("name", Path(source).stem)), description=str(raw.get("description", "")),
-                          stages=specs)
+    read_params = build_params(ReadParams, raw[READ_SECTION], f"{source}: {READ_SECTION}")
+    try:
+        read_params.validate()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    config = CurationConfig(name=str(raw.get("name", Path(source).stem)),
+                            description=str(raw.get("description", "")), stages=specs, read=read_params)
+    _check_step_order(config, source)
+    return config
+
+
+def _check_step_order(config: CurationConfig, source: str) -> None:
+    from pipeline.steps import StepPlan
+
+    try:
+        StepPlan.of(config.enabled_stages)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _apply_override(raw: dict, names: list[str], override: str, source: str) -> None:
@@ -144,6 +170,9 @@ def _apply_override(raw: dict, names: list[str], override: str, source: str) -> 
     parts = key.split(".")
     if parts[0] in ("name", "description") and len(parts) == 1:
         raw[parts[0]] = value
+        return
+    if parts[0] == READ_SECTION and len(parts) == 2:
+        raw[READ_SECTION][parts[1]] = value
         return
     if parts[0] not in names or len(parts) < 2:
         raise ConfigError(f"--set {key}: no stage named {parts[0]!r} in {source}; stages: {names}")
@@ -187,7 +216,7 @@ def _parse_stage(entry: dict, where: str) -> StageSpec:
     return StageSpec(name=name, kind=kind, params=params)
 
 
-def build_params(params_cls: type[StageParams], settings: dict[str, Any], where: str) -> StageParams:
+def build_params(params_cls: type, settings: dict[str, Any], where: str) -> StageParams:
     fields = {f.name: f for f in dataclasses.fields(params_cls)}
     unknown = set(settings) - set(fields)
     if unknown:

@@ -1,7 +1,8 @@
-"""Applying stages to the samples of one shard, and turning annotations into verdicts.
+"""Applying stages to a batch of samples, and turning annotations into verdicts.
 
-This module knows nothing about Ray: the plan (``pipeline.plan``) calls it from Ray workers, the tests call it
-directly, and ``vlcurate select`` reuses ``drop_reason_expr`` on the manifests.
+This module knows nothing about Ray or shards: the steps (``pipeline.steps``) call it on bounded batches, the
+tests call it directly, and ``vlcurate select`` reuses ``drop_reason_expr`` on the manifests. Every function
+works on any set of samples: nothing depends on how samples are grouped into batches.
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from stages import SampleBatch, Stage
 READ_STAGE = "read"
 
 
-def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Table:
-    """Run ``stage.annotate`` on the samples it should see and add its columns to ``table``.
+class StageContractError(TypeError):
+    """A stage's ``annotate`` returned other columns than the ones it declares (a programming error)."""
+
+
+def annotate_batch(table: pa.Table, stage: Stage, earlier: list[Stage]) -> tuple[pa.Table, int]:
+    """Run ``stage.annotate`` on the samples it should see and add its columns to ``table``; returns the table
+    and how many samples the stage annotated.
 
     Cheap stages see every readable sample; stages with ``only_survivors`` see only the samples that pass
     every earlier stage. A sample on which the stage raises gets ``error_stage``/``error_message`` and is
@@ -55,7 +61,7 @@ def annotate_shard(table: pa.Table, stage: Stage, earlier: list[Stage]) -> pa.Ta
                 error_stage[i], error_message[i] = stage.name, message
         table = _set_column(table, "error_stage", pa.array(error_stage, type=pa.string()))
         table = _set_column(table, "error_message", pa.array(error_message, type=pa.string()))
-    return table
+    return table, len(targets)
 
 
 def _annotate_isolating_failures(
@@ -66,11 +72,14 @@ def _annotate_isolating_failures(
     def batch_of(indices: list[int]) -> SampleBatch:
         return SampleBatch(table, indices)
 
+    expected = {*stage.columns, *stage.transient_columns, *(["caption"] if stage.rewrites_caption else [])}
     try:
         result = stage.annotate(batch_of(targets))
-        return {"index": targets, **result}, {}
     except Exception:  # noqa: BLE001 - isolate the failing samples below
         pass
+    else:
+        check_contract(stage, result, expected, len(targets))
+        return {"index": targets, **result}, {}
     merged: dict[str, list] = {"index": []}
     failures: dict[int, str] = {}
     for i in targets:
@@ -79,10 +88,22 @@ def _annotate_isolating_failures(
         except Exception as exc:  # noqa: BLE001 - recorded per sample
             failures[i] = f"{type(exc).__name__}: {exc}"[:500] or traceback.format_exc(limit=1)
             continue
+        check_contract(stage, result, expected, 1)
         merged["index"].append(i)
         for name, values in result.items():
             merged.setdefault(name, []).extend(values)
     return merged, failures
+
+
+def check_contract(stage: Stage, result: dict, expected: set[str], count: int) -> None:
+    if set(result) != expected:
+        raise StageContractError(
+            f"stage {stage.name!r} returned columns {sorted(result)} but declares {sorted(expected)}: "
+            "fix the names in its annotate() or its columns"
+        )
+    wrong = sorted(name for name, values in result.items() if len(values) != count)
+    if wrong:
+        raise StageContractError(f"stage {stage.name!r} returned {wrong} with a length other than {count} samples")
 
 
 def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
@@ -152,7 +173,7 @@ def apply_verdicts(table: pa.Table, stages: list[Stage]) -> pa.Table:
     return _set_column(table, "output_captions", pa.array(captions, pa.list_(pa.string())))
 
 
-def finish_shard(table: pa.Table, stages: list[Stage]) -> pa.Table:
+def finish_batch(table: pa.Table, stages: list[Stage]) -> pa.Table:
     """Final verdicts, without the transient columns (decoded pixels) that only stages needed."""
     transient = {name for stage in stages for name in stage.transient_columns}
     table = table.drop_columns([c for c in table.column_names if c in transient])

@@ -4,21 +4,29 @@ Layout of ``OUT``::
 
     shards/{stem}.tar            kept samples: original image bytes, cleaned .txt, input .json + results
     manifests/{stem}.parquet     every sample of the input shard: captions, every score, kept, drop_reason
-    _state/{stem}.done.json      written last: the shard is complete iff this exists (counts, fingerprint)
+    _state/{stem}.done.json      written last: the shard is complete iff this exists (counts, fingerprint, timing)
     _state/{stem}.failed.json    the shard could not be processed, with the reason
+    _state/parts/{stem}/         work in progress: one part per run of consecutive samples (a tar fragment and
+                                 its manifest rows, named by the first sample's position), and the rows carried
+                                 past the model actors; joined into the shard's outputs, then removed
     stats.json                   exact totals over all completed shards
     config.yaml                  the resolved configuration of the run
 
 Every file is written under a temporary name and renamed into place, and the completion record comes last,
-so a crash at any moment leaves either a complete shard or one that the next run redoes from scratch.
+so a crash at any moment leaves either a complete shard or one that the next run redoes from scratch. Output
+bytes do not depend on how samples were batched: a shard's tar is its parts' fragments in position order plus
+the end-of-archive blocks, and its manifest is written from the parts' rows joined into one table.
 """
 
 from __future__ import annotations
 
 import collections
-import io
+import dataclasses
 import json
 import os
+import re
+import shutil
+import stat
 import tarfile
 import uuid
 from pathlib import Path
@@ -29,6 +37,7 @@ import pyarrow.parquet as pq
 
 TMP_MARK = ".tmp-"
 MANIFEST_EXCLUDED = ("image", "metadata_json")
+PARTS = "parts"
 
 
 class OutputDir:
@@ -54,47 +63,83 @@ class OutputDir:
     def failed_path(self, stem: str) -> Path:
         return self.state / f"{stem}.failed.json"
 
+    def parts_dir(self, stem: str) -> Path:
+        return self.state / PARTS / stem
+
+    def remove_empty_parts_folder(self) -> None:
+        try:
+            (self.state / PARTS).rmdir()  # only when empty: parts of shards in flight elsewhere stay
+        except OSError:
+            pass
+
+    def clear_parts(self, stem: str) -> None:
+        """Remove a shard's work in progress (an earlier attempt's parts must never be joined with new ones)."""
+        shutil.rmtree(self.parts_dir(stem), ignore_errors=True)
+
     def remove_temporary_files(self) -> int:
-        """Delete what an interrupted run left half-written; returns how many files were removed."""
+        """Delete what an interrupted run left half-written: only regular files (never links or folders) whose
+        names end in vlcurate's temporary mark with its random suffix. Returns how many were removed."""
         removed = 0
         for folder in (self.shards, self.manifests, self.state, self.root):
-            if folder.is_dir():
-                for path in folder.glob(f"*{TMP_MARK}*"):
-                    path.unlink(missing_ok=True)
-                    removed += 1
+            if folder.is_dir() and not folder.is_symlink():
+                for path in folder.iterdir():
+                    if _TEMPORARY_NAME.fullmatch(path.name) and stat.S_ISREG(path.lstat().st_mode):
+                        path.unlink(missing_ok=True)
+                        removed += 1
         return removed
 
     def done_records(self) -> dict[str, dict]:
-        return self._records("*.done.json")
+        return self._records(".done.json")
 
     def failed_records(self) -> dict[str, dict]:
-        return self._records("*.failed.json")
+        return self._records(".failed.json")
 
-    def _records(self, pattern: str) -> dict[str, dict]:
+    def _records(self, suffix: str) -> dict[str, dict]:
+        """Records by shard stem; the stem comes from the record's file name (never from its content), so an
+        edited record cannot point a later write elsewhere."""
         records = {}
         if self.state.is_dir():
-            for path in sorted(self.state.glob(pattern)):
-                record = json.loads(path.read_text())
-                records[record["stem"]] = record
+            for path in sorted(self.state.glob(f"*{suffix}")):
+                stem = path.name[: -len(suffix)]
+                if not is_safe_stem(stem) or not stat.S_ISREG(path.lstat().st_mode):
+                    continue
+                try:
+                    record = json.loads(path.read_text())
+                except (ValueError, OSError):
+                    continue  # unreadable: the shard counts as not done, and is redone
+                if isinstance(record, dict):
+                    records[stem] = {**record, "stem": stem}
         return records
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, fsync, rename into place, fsync the folder."""
+_TEMPORARY_NAME = re.compile(r".+" + re.escape(TMP_MARK) + r"[0-9a-f]{12}")
+
+
+def is_safe_stem(stem: str) -> bool:
+    """A shard name usable as a file name inside the output: no path separators, not '.', '..' or hidden."""
+    return bool(stem) and not stem.startswith(".") and "/" not in stem and "\\" not in stem and stem.isprintable()
+
+
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write to a temporary name in the same folder, rename into place; ``durable``: fsync the file before and
+    the folder after the rename (outputs and records; work in progress skips it)."""
     tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
     try:
-        with open(tmp, "wb") as handle:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        with open(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only still there when writing failed
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)  # the rename itself is durable before the completion record follows
-    finally:
-        os.close(folder)
+    if durable:
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)  # the rename itself is durable before the completion record follows
+        finally:
+            os.close(folder)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
@@ -114,39 +159,64 @@ def sample_json(metadata_json: str | None, results: dict[str, Any]) -> bytes:
         try:
             parsed = json.loads(metadata_json)
             metadata = parsed if isinstance(parsed, dict) else {"metadata": parsed}
-        except json.JSONDecodeError:
-            metadata = {"metadata_raw": metadata_json}
+        except (ValueError, RecursionError):  # the reader drops such samples as read:bad_json
+            metadata = {"metadata_raw": metadata_json[:1000]}
     metadata["vlcurate"] = results
     return json.dumps(metadata, ensure_ascii=False).encode("utf-8")
 
 
-def _tar_member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o644
-    info.mtime = 0  # deterministic bytes: a rerun writes the same archive
-    archive.addfile(info, io.BytesIO(data))
+_TAR_BLOCK = 512
+_TAR_RECORD = 20 * _TAR_BLOCK  # tar files are padded to whole records of 10240 bytes
+_NUL_BLOCK = b"\0" * _TAR_BLOCK
+
+
+def tar_member(name: str, data: bytes) -> bytes:
+    """One regular-file member (header, data, padding) with fixed owner, mode and mtime: same input, same bytes."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) > 100 or not name.isascii() or len(data) >= 8**11:
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    else:
+        fields = bytearray(_TAR_BLOCK)
+        fields[0:len(encoded)] = encoded
+        fields[100:148] = b"0000644\x000000000\x000000000\x00" + b"%011o\x00" % len(data) + b"00000000000\x00"
+        fields[148:156] = b"        "
+        fields[156:157] = b"0"
+        fields[257:265] = b"ustar\x0000"
+        fields[148:155] = b"%06o\x00" % sum(fields)
+        header = bytes(fields)
+    return header + data + b"\0" * (-len(data) % _TAR_BLOCK)
+
+
+def tar_trailer(fragment_bytes: int) -> bytes:
+    """The end-of-archive blocks after ``fragment_bytes`` of members, padded to a whole record (as tarfile)."""
+    end = fragment_bytes + 2 * _TAR_BLOCK
+    return b"\0" * (2 * _TAR_BLOCK + (-end % _TAR_RECORD))
+
+
+def tar_fragment(table: pa.Table, source: str) -> bytes:
+    """The kept samples of a run of samples as tar members: image bytes unchanged, the output caption, the
+    input metadata plus results. When a caption policy added extra pairs (CapFilt's ``extra_pairs``), each
+    becomes a sample of its own, ``KEY_pairN``, with the same image bytes."""
+    extra = annotation_columns(table)
+    chunks = []
+    for row in table.filter(table.column("kept")).to_pylist():
+        results = {"source_shard": source, "caption_original": row["caption_original"]}
+        results.update({name: row[name] for name in extra if row[name] is not None})
+        captions = row.get("output_captions") or [row["caption"]]
+        for index, caption in enumerate(captions):
+            key = row["key"] if index == 0 else f"{row['key']}_pair{index}"
+            pair_results = results if index == 0 else {**results, "pair_of": row["key"]}
+            chunks.append(tar_member(f"{key}.{row['image_ext']}", row["image"]))
+            chunks.append(tar_member(f"{key}.txt", caption.encode("utf-8")))
+            chunks.append(tar_member(f"{key}.json", sample_json(row["metadata_json"], pair_results)))
+    return b"".join(chunks)
 
 
 def build_shard_tar(table: pa.Table, source: str) -> bytes:
-    """The kept samples as a WebDataset tar: image bytes unchanged, the output caption, metadata plus results.
-
-    When a caption policy added extra pairs (CapFilt's ``extra_pairs``), each becomes a sample of its own,
-    ``KEY_pairN``, with the same image bytes."""
-    extra = annotation_columns(table)
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for row in table.filter(table.column("kept")).to_pylist():
-            results = {"source_shard": source, "caption_original": row["caption_original"]}
-            results.update({name: row[name] for name in extra if row[name] is not None})
-            captions = row.get("output_captions") or [row["caption"]]
-            for index, caption in enumerate(captions):
-                key = row["key"] if index == 0 else f"{row['key']}_pair{index}"
-                pair_results = results if index == 0 else {**results, "pair_of": row["key"]}
-                _tar_member(archive, f"{key}.{row['image_ext']}", row["image"])
-                _tar_member(archive, f"{key}.txt", caption.encode("utf-8"))
-                _tar_member(archive, f"{key}.json", sample_json(row["metadata_json"], pair_results))
-    return buffer.getvalue()
+    fragment = tar_fragment(table, source)
+    return fragment + tar_trailer(len(fragment))
 
 
 def manifest_table(table: pa.Table, source: str) -> pa.Table:
@@ -154,6 +224,146 @@ def manifest_table(table: pa.Table, source: str) -> pa.Table:
     manifest = table.drop_columns([c for c in MANIFEST_EXCLUDED if c in table.column_names])
     manifest = manifest.add_column(1, "shard", pa.array([source] * table.num_rows, pa.string()))
     return manifest.append_column("image_bytes", sizes)
+
+
+def manifest_bytes(manifest: pa.Table) -> bytes:
+    """The Parquet bytes of a shard's manifest; one row group, whatever the batches it was built from."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(manifest.combine_chunks(), sink, compression="zstd", row_group_size=1 << 30)
+    return sink.getvalue().to_pybytes()
+
+
+# ------------------------------------------------------------------------------------ parts and shard commit
+
+@dataclasses.dataclass
+class PartInfo:
+    first: int  # position of the part's first sample in the input shard
+    rows: int
+    tar_bytes: int
+    timing: dict[str, dict]
+
+
+def _part_name(first: int) -> str:
+    return f"{first:010d}"
+
+
+def write_part(out: OutputDir, stem: str, source: str, table: pa.Table, timing: dict[str, dict]) -> PartInfo:
+    """Write one run of consecutive, judged samples: its tar fragment and its manifest rows (Arrow IPC)."""
+    first = table.column("position")[0].as_py()
+    folder = out.parts_dir(stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    fragment = tar_fragment(table, source)
+    atomic_write_bytes(folder / f"{_part_name(first)}.tar", fragment, durable=False)
+    atomic_write_bytes(folder / f"{_part_name(first)}.arrow", ipc_bytes(manifest_table(table, source)),
+                       durable=False)
+    return PartInfo(first=first, rows=table.num_rows, tar_bytes=len(fragment), timing=timing)
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def write_carry(out: OutputDir, stem: str, table: pa.Table) -> None:
+    """Rows that wait in the parts folder while the model actors score their slim copies."""
+    first = table.column("position")[0].as_py()
+    last = first + table.num_rows - 1
+    folder = out.parts_dir(stem)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(folder / f"carry-{_part_name(first)}-{_part_name(last)}.arrow", ipc_bytes(table),
+                       durable=False)
+
+
+def read_carry(out: OutputDir, stem: str, first: int, rows: int) -> pa.Table:
+    """The carried rows of positions ``first`` .. ``first + rows - 1``, from whichever carry files hold them."""
+    last = first + rows - 1
+    pieces = []
+    for path in sorted(out.parts_dir(stem).glob("carry-*.arrow")):
+        if TMP_MARK in path.name:
+            continue
+        start, end = (int(x) for x in path.stem.split("-")[1:3])
+        if end < first or start > last:
+            continue
+        with pa.memory_map(str(path)) as source:
+            table = pa.ipc.open_file(source).read_all()
+        lo, hi = max(first, start), min(last, end)
+        pieces.append(table.slice(lo - start, hi - lo + 1))
+    if not pieces:
+        raise FileNotFoundError(f"no carried rows for positions {first}..{last} of {stem}")
+    return pa.concat_tables(pieces, promote_options="permissive").combine_chunks()
+
+
+def parts_cover(parts: list[PartInfo], total: int) -> bool:
+    """Whether the parts tile positions 0 .. total-1 exactly, each sample once."""
+    expected = 0
+    for part in sorted(parts, key=lambda p: p.first):
+        if part.first != expected:
+            return False
+        expected += part.rows
+    return expected == total
+
+
+def commit_shard(out: OutputDir, stem: str, source: str, parts: list[PartInfo], total: int, stage_names: list[str],
+                 fingerprint: str, config_name: str) -> dict[str, Any]:
+    """Join a shard's parts into its output tar and manifest, then write the completion record, then remove the
+    parts. The caller has checked that the parts cover every sample of the shard."""
+    parts = sorted(parts, key=lambda p: p.first)
+    if not parts_cover(parts, total):
+        raise RuntimeError(f"the parts of {stem} do not cover its {total} samples exactly")
+    folder = out.parts_dir(stem)
+    fragment_bytes = sum(p.tar_bytes for p in parts)
+    shard_path = out.shard_path(stem)
+    tmp = shard_path.with_name(f"{shard_path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as target:
+            for part in parts:
+                with open(folder / f"{_part_name(part.first)}.tar", "rb") as fragment:
+                    shutil.copyfileobj(fragment, target, 8 * 2**20)
+            target.write(tar_trailer(fragment_bytes))
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(tmp, shard_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    manifests = []
+    for part in parts:
+        with pa.memory_map(str(folder / f"{_part_name(part.first)}.arrow")) as source_file:
+            manifests.append(pa.ipc.open_file(source_file).read_all())
+    manifest = pa.concat_tables(manifests, promote_options="permissive") if manifests else None
+    if manifest is None:
+        manifest = empty_manifest(source)
+    atomic_write_bytes(out.manifest_path(stem), manifest_bytes(manifest))
+    record = {
+        "stem": stem,
+        "source": source,
+        "fingerprint": fingerprint,
+        "config": config_name,
+        **shard_stats(manifest.column("drop_reason").to_pylist(), stage_names),
+        "timing": sum_timing(p.timing for p in parts),
+    }
+    out.failed_path(stem).unlink(missing_ok=True)
+    atomic_write_json(out.done_path(stem), record)
+    out.clear_parts(stem)
+    return record
+
+
+def empty_manifest(source: str) -> pa.Table:
+    """The manifest of a shard without samples."""
+    return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
+                     "position": pa.array([], pa.int32()), "kept": pa.array([], pa.bool_()),
+                     "drop_reason": pa.array([], pa.string())})
+
+
+def sum_timing(timings) -> dict[str, dict]:
+    total: dict[str, dict] = {}
+    for timing in timings:
+        for name, figures in (timing or {}).items():
+            entry = total.setdefault(name, {"cpu_seconds": 0.0, "samples": 0})
+            entry["cpu_seconds"] = round(entry["cpu_seconds"] + figures["cpu_seconds"], 6)
+            entry["samples"] += figures["samples"]
+    return total
 
 
 def shard_stats(drop_reasons: list[str | None], stage_names: list[str]) -> dict[str, Any]:
@@ -166,25 +376,6 @@ def shard_stats(drop_reasons: list[str | None], stage_names: list[str]) -> dict[
         "dropped_by_reason": dict(sorted(by_reason.items())),
         "dropped_by_stage": {name: by_stage.get(name, 0) for name in stage_names},
     }
-
-
-def write_shard_outputs(out: OutputDir, stem: str, source: str, table: pa.Table, stage_names: list[str],
-                        fingerprint: str, config_name: str) -> dict[str, Any]:
-    """Write shard, manifest and then the completion record; returns the record."""
-    atomic_write_bytes(out.shard_path(stem), build_shard_tar(table, source))
-    sink = pa.BufferOutputStream()
-    pq.write_table(manifest_table(table, source), sink, compression="zstd")
-    atomic_write_bytes(out.manifest_path(stem), sink.getvalue().to_pybytes())
-    record = {
-        "stem": stem,
-        "source": source,
-        "fingerprint": fingerprint,
-        "config": config_name,
-        **shard_stats(table.column("drop_reason").to_pylist(), stage_names),
-    }
-    out.failed_path(stem).unlink(missing_ok=True)
-    atomic_write_json(out.done_path(stem), record)
-    return record
 
 
 def write_shard_failure(out: OutputDir, stem: str, source: str, reason: str, fingerprint: str) -> dict[str, Any]:
@@ -211,6 +402,7 @@ def aggregate_stats(records: list[dict], stage_names: list[str], failed: list[di
         "total": total,
         "kept": kept,
         "dropped": total - kept,
+        "timing": sum_timing(r.get("timing") for r in records),
         "dropped_by_reason": dict(sorted(by_reason.items())),
         "funnel": funnel,
         "shards_completed": len(records),

@@ -1,169 +1,112 @@
-"""The Ray Data plan, top to bottom: read shards -> stages in config order -> finish -> write outputs.
+"""The steps of a run (``pipeline.steps``) mapped onto Ray Data, top to bottom.
 
-Each row of the dataset is one input shard: ``shard`` (URL), ``stem`` (output name), ``samples`` (the shard's
-sample table, Arrow IPC bytes) and ``error`` (why the shard failed, or null). Keeping a shard in one row is what
-lets outputs, manifests and completion be keyed on the input shard (exactly-once reruns), while Ray Data streams
-shards through the stages, fuses consecutive CPU stages into one task, and runs each shard's stages in parallel
-with other shards'. Every function here catches failures per shard: one bad shard becomes a failed row, never a
-lost block.
+Without model stages the whole job is one operator: each task reads one input shard batch by batch, runs every
+stage on each batch in memory, writes the parts and commits the shard; only a one-row summary per shard travels
+back to the driver. With model stages:
+
+    shards -> source step (read + CPU stages, tasks) -> one actor pool per model stage -> sink step (tasks)
+
+Data crosses a process only into and out of the actor pools, as slim tables (see ``pipeline.steps``), in
+bounded blocks; Ray Data's streaming executor holds back the source step when the actors fall behind, so
+decoded pixels in flight stay a few blocks per actor. The source step is never fused into an actor pool:
+rule-stage parallelism is the cluster's CPUs, not the pool size.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import traceback
-from typing import Any
+from typing import Iterator
 
 import pyarrow as pa
 import ray
 
-from pipeline.config import StageSpec
-from pipeline.curate import READ_STAGE, annotate_shard, finish_shard
-from pipeline.outputs import OutputDir, write_shard_outputs
-from pipeline.shards import Shard, ShardError, read_shard
-from stages import Stage
+from pipeline.shards import Shard
+from pipeline.steps import SUMMARY_SCHEMA, RunContext, curate_shard, run_model_stage, slim_batches, write_model_results
 
-ROW_SCHEMA = pa.schema([("shard", pa.string()), ("stem", pa.string()), ("samples", pa.large_binary()),
-                        ("error", pa.string())])
+# Slim tables are cut into blocks of about this size on their way to the model actors.
+SLIM_BLOCK_BYTES = 64 * 2**20
 
 
-def pack(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def unpack(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(data).read_all()
-
-
-def _rows(batch: pa.Table) -> list[dict[str, Any]]:
-    return batch.to_pylist()
-
-
-def _to_batch(rows: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ShardError):
-        return str(exc)
-    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = f" at {last.filename}:{last.lineno}" if last else ""
-    return f"{type(exc).__name__}: {exc}{where}"[:1000]
-
-
-def read_shards(batch: pa.Table) -> pa.Table:
-    rows = _rows(batch)
-    for row in rows:
-        try:
-            row["samples"] = pack(read_shard(row["shard"]))
-            row["error"] = None
-        except Exception as exc:  # noqa: BLE001 - a bad shard fails alone
-            row["samples"], row["error"] = None, _describe(exc)
-    return _to_batch(rows)
-
-
-_STAGE_CACHE: dict[str, list[Stage]] = {}
-
-
-def _cached_stages(specs: list[StageSpec]) -> list[Stage]:
-    """Stages are built once per worker process, so models and tokenizers load once."""
-    key = json.dumps([[s.name, s.kind, dataclasses.asdict(s.params)] for s in specs], sort_keys=True)
-    if key not in _STAGE_CACHE:
-        _STAGE_CACHE[key] = [spec.build() for spec in specs]
-    return _STAGE_CACHE[key]
-
-
-def run_stage(batch: pa.Table, specs: list[StageSpec], position: int) -> pa.Table:
-    """Annotate every shard in the batch with stage ``specs[position]``."""
-    stages = _cached_stages(specs)
-    stage, earlier = stages[position], stages[:position]
-    rows = _rows(batch)
-    for row in rows:
-        if row["error"] is not None:
-            continue
-        try:
-            row["samples"] = pack(annotate_shard(unpack(row["samples"]), stage, earlier))
-        except Exception as exc:  # noqa: BLE001
-            row["samples"], row["error"] = None, f"stage {stage.name}: {_describe(exc)}"
-    return _to_batch(rows)
-
-
-class StageActor:
-    """One model stage in a Ray actor: the model loads once, in the constructor, and serves many shards."""
-
-    def __init__(self, specs: list[StageSpec], position: int):
-        self.specs, self.position = specs, position
-        stage = _cached_stages(specs)[position]
-        stage.load()
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        return run_stage(batch, self.specs, self.position)
-
-
-def write_outputs(batch: pa.Table, specs: list[StageSpec], out_root: str, fingerprint: str,
-                  config_name: str) -> pa.Table:
-    """Finish verdicts and write each shard's outputs; returns one small summary row per shard, with the error
-    of a shard that failed anywhere along the plan."""
-    stages = _cached_stages(specs)
-    stage_names = [READ_STAGE, *(s.name for s in stages)]
-    out = OutputDir(out_root)
-    summaries = []
-    for row in _rows(batch):
-        summary = {"stem": row["stem"], "shard": row["shard"], "total": 0, "kept": 0, "error": row["error"]}
-        if row["error"] is None:
-            try:
-                table = finish_shard(unpack(row["samples"]), stages)
-                record = write_shard_outputs(out, row["stem"], row["shard"], table, stage_names, fingerprint,
-                                             config_name)
-                summary.update(total=record["total"], kept=record["kept"])
-            except Exception as exc:  # noqa: BLE001
-                summary["error"] = f"writing outputs: {_describe(exc)}"
-        summaries.append(summary)  # the driver records failed shards
+def _summary_table(summaries: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-SUMMARY_SCHEMA = pa.schema([("stem", pa.string()), ("shard", pa.string()), ("total", pa.int64()),
-                            ("kept", pa.int64()), ("error", pa.string())])
+def curate_shards(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
+    for item in items.to_pylist():
+        yield _summary_table(list(curate_shard(ctx, item["source"], item["stem"])))
 
 
-def build_plan(shards: list[Shard], specs: list[StageSpec], out_root: str, fingerprint: str,
-               config_name: str, gpus_available: float = 0.0) -> ray.data.Dataset:
-    """The whole job as one lazy Ray dataset of per-shard summary rows.
+def read_and_slim(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
+    for item in items.to_pylist():
+        for table in slim_batches(ctx, item["source"], item["stem"]):
+            yield from _cut(table, SLIM_BLOCK_BYTES)
 
-    CPU stages are plain tasks (Ray fuses consecutive ones, so one worker reads, annotates and writes a shard);
-    model stages are actor pools, so CPU stages of other shards overlap with their model work. A model stage asks
-    for GPUs only when the cluster has some: a GPU request on a CPU-only cluster would wait forever."""
-    items = [{"shard": s.url, "stem": s.stem} for s in shards]
+
+def _cut(table: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
+    """Slices of at most about ``max_bytes`` each (decoded pixels make slim rows large)."""
+    rows = max(1, int(table.num_rows * max_bytes / max(table.nbytes, 1)))
+    for start in range(0, table.num_rows, rows):
+        yield table.slice(start, rows)
+
+
+class ModelActor:
+    """One model stage in a Ray actor: the model loads once, in the constructor, and serves many batches."""
+
+    def __init__(self, ctx: RunContext, index: int):
+        self.ctx, self.index = ctx, index
+        ctx.stages()[index].load()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return run_model_stage(self.ctx, self.index, table)
+
+
+def write_results(table: pa.Table, ctx: RunContext) -> pa.Table:
+    return _summary_table(write_model_results(ctx, table))
+
+
+SOURCE_CPUS = 1.0  # a source task reads, parses and annotates: one core
+SINK_CPUS = 0.5  # a sink task joins, judges and writes: mostly I/O
+SOURCE_BATCHES_HELD = 4  # memory a source task reserves, in batches (read, annotated, carried, slim)
+
+
+def actor_cpus(ctx: RunContext, cluster_cpus: float) -> dict[int, float]:
+    """CPUs each model actor reserves: its ``num_cpus``, scaled down when the pools together would leave no CPU
+    for the source and sink tasks (the pools would then wait forever for rows that no task can produce)."""
+    wanted = {i: ctx.specs[i].params.num_cpus for i in ctx.plan.models}
+    reserved = sum(cpus * ctx.specs[i].params.pool_size for i, cpus in wanted.items())
+    room = max(cluster_cpus - SOURCE_CPUS - SINK_CPUS, 0.0)
+    if reserved <= room or reserved == 0:
+        return wanted
+    scale = room / reserved
+    return {i: max(round(cpus * scale, 3), 0.05) for i, cpus in wanted.items()}
+
+
+def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0,
+               cluster_cpus: float = 0.0) -> ray.data.Dataset:
+    """The whole job as one lazy Ray dataset of summary rows (see ``pipeline.steps.SUMMARY_SCHEMA``).
+
+    A model stage asks for GPUs only when the cluster has some: a GPU request on a CPU-only cluster would wait
+    forever."""
+    items = [{"source": s.url, "stem": s.stem} for s in shards]
     dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    dataset = dataset.map_batches(read_shards, batch_size=1, batch_format="pyarrow", num_cpus=1)
-    for position, spec in enumerate(specs):
-        if spec.stage_class.uses_actor_pool:
-            params = spec.params
-            dataset = dataset.map_batches(
-                StageActor,
-                fn_constructor_kwargs={"specs": specs, "position": position},
-                compute=ray.data.ActorPoolStrategy(size=params.pool_size),
-                num_gpus=params.num_gpus if gpus_available else 0,
-                num_cpus=params.num_cpus,
-                batch_size=1,
-                batch_format="pyarrow",
-            )
-        else:
-            dataset = dataset.map_batches(
-                run_stage,
-                fn_kwargs={"specs": specs, "position": position},
-                batch_size=1,
-                batch_format="pyarrow",
-                num_cpus=spec.params.num_cpus,
-            )
-    return dataset.map_batches(
-        write_outputs,
-        fn_kwargs={"specs": specs, "out_root": out_root, "fingerprint": fingerprint, "config_name": config_name},
-        batch_size=1,
-        batch_format="pyarrow",
-        num_cpus=1,
-    )
+    plan = ctx.plan
+    if not plan.models:
+        return dataset.map_batches(curate_shards, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+                                   num_cpus=1)
+    # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
+    # step into the first model stage's actors (operators with different resource requests are never fused).
+    dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+                                  num_cpus=SOURCE_CPUS, memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes)
+    cpus = actor_cpus(ctx, cluster_cpus or float(ray.cluster_resources().get("CPU", 1)))
+    for index in plan.models:
+        params = ctx.specs[index].params
+        dataset = dataset.map_batches(
+            ModelActor,
+            fn_constructor_kwargs={"ctx": ctx, "index": index},
+            compute=ray.data.ActorPoolStrategy(size=params.pool_size),
+            num_gpus=params.num_gpus if gpus_available else 0,
+            num_cpus=cpus[index],
+            batch_size=params.batch_size,
+            batch_format="pyarrow",
+        )
+    return dataset.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
+                               num_cpus=SINK_CPUS)

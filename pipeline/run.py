@@ -18,9 +18,10 @@ import yaml
 
 from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
 from pipeline.curate import READ_STAGE, apply_verdicts
-from pipeline.outputs import (OutputDir, aggregate_stats, atomic_write_bytes, atomic_write_json, build_shard_tar,
-                              shard_stats, write_shard_failure)
-from pipeline.shards import expand_inputs, read_shard, shard_stem
+from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, aggregate_stats, atomic_write_bytes, atomic_write_json,
+                              commit_shard, manifest_bytes, parts_cover, shard_stats, tar_fragment, tar_trailer,
+                              write_shard_failure)
+from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
 
 CONFIG_FILE = "config.yaml"
 STATS_FILE = "stats.json"
@@ -39,6 +40,7 @@ class RunResult:
     seconds: float
     samples_processed: int
     reselected: int = 0
+    ray_start_seconds: float = 0.0  # joining or starting Ray, before the first shard
 
     @property
     def exit_code(self) -> int:
@@ -61,11 +63,21 @@ def init_ray(address: str | None = None) -> None:
 
 
 def prepare_output(output: str | Path) -> OutputDir:
+    """Create the output directory, or check that an existing one is a vlcurate output (or empty) before
+    touching anything in it; then remove what an interrupted run of ours left half-written."""
     out = OutputDir(output)
+    if out.root.is_symlink() and not out.root.exists():
+        raise UsageError(f"output directory {out.root} is a dangling symbolic link: choose another --output")
+    if out.root.exists():
+        if not out.root.is_dir():
+            raise UsageError(f"output {out.root} exists and is not a directory: choose another --output")
+        if not (out.root / CONFIG_FILE).is_file() and any(out.root.iterdir()):
+            raise UsageError(f"output directory {out.root} is not empty and holds no vlcurate output "
+                             f"(no {CONFIG_FILE}): choose a new or empty --output directory")
     try:
         out.create()
-        probe = out.root / ".write-test"
-        probe.write_bytes(b"")
+        probe = out.root / f".vlcurate-write-test{TMP_MARK}{os.urandom(6).hex()}"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"output directory {out.root} is not writable ({exc.strerror}): choose another --output")
@@ -108,6 +120,7 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
                  force: bool = False, progress: bool = True) -> RunResult:
     """Curate every input shard not yet completed with this configuration; see ``pipeline.outputs``."""
     from pipeline.plan import build_plan
+    from pipeline.steps import RunContext
 
     shards = expand_inputs(inputs)
     out = prepare_output(output)
@@ -115,7 +128,7 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
     reselected = 0
     if saved is not None and not force:
         check_compatible(saved, config, out.root)
-        if saved.to_dict() != config.to_dict():
+        if out.done_records() and saved.to_dict() != config.to_dict():
             # Only thresholds differ: re-apply them to the completed shards from their manifests.
             reselected = reselect(out, config)
     atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
@@ -123,24 +136,32 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
     fingerprint = config.fingerprint()
     done = out.done_records()
     pending = [s for s in shards if force or done.get(s.stem, {}).get("fingerprint") != fingerprint]
-    summaries = []
+    for shard in pending:  # a stale record must not vouch for outputs that are about to be replaced
+        out.done_path(shard.stem).unlink(missing_ok=True)
+        out.clear_parts(shard.stem)
+    ray_started = time.perf_counter()
     if pending:
         init_ray(address)
-    started = time.perf_counter()  # Ray start-up excluded: on a cluster it is paid once, not per run
+    started = time.perf_counter()  # Ray start-up is reported on its own: on a cluster it is paid once
+    committed: list[dict] = []
     if pending:
-        plan = build_plan(pending, config.enabled_stages, str(out.root), fingerprint, config.name,
-                          gpus_available=cluster_gpus(config))
-        summaries = _consume(plan, len(pending), progress)
-        for failure in (s for s in summaries if s["error"] is not None):
-            write_shard_failure(out, failure["stem"], failure["shard"], failure["error"], fingerprint)
+        ctx = RunContext(specs=config.enabled_stages, read=config.read, out_root=str(out.root),
+                         fingerprint=fingerprint, config_name=config.name)
+        plan = build_plan(pending, ctx, gpus_available=cluster_gpus(config))
+        committed = _consume(plan, pending, out, ctx, progress)
+        for failure in (s for s in committed if s["error"] is not None):
+            write_shard_failure(out, failure["stem"], failure["source"], failure["error"], fingerprint)
+            out.clear_parts(failure["stem"])
     seconds = time.perf_counter() - started
     out.remove_temporary_files()
-    if any(getattr(s.params, "top_fraction", 0) for s in config.enabled_stages) and summaries:
+    out.remove_empty_parts_folder()
+    if any(getattr(s.params, "top_fraction", 0) for s in config.enabled_stages) and committed:
         reselected += reselect(out, config)  # a top fraction is exact only over the whole run
     stats = write_stats(out, config)
-    failed = [s for s in summaries if s["error"] is not None]
+    failed = [s for s in committed if s["error"] is not None]
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
-                     seconds=seconds, samples_processed=sum(s["total"] for s in summaries), reselected=reselected)
+                     seconds=seconds, samples_processed=sum(s["total"] or 0 for s in committed),
+                     reselected=reselected, ray_start_seconds=started - ray_started)
 
 
 def cluster_gpus(config: CurationConfig) -> float:
@@ -168,20 +189,78 @@ def remember_inputs(out: OutputDir, urls: list[str]) -> None:
         atomic_write_json(path, {"shards": sorted(known | set(urls))})
 
 
-def _consume(plan, total_shards: int, progress: bool) -> list[dict]:
+class ShardBook:
+    """The driver's view of the shards in flight: the parts written so far and how many samples each shard has.
+    A shard is committed once its parts cover all of its samples (retried tasks rewrite the same parts, so a
+    part is counted once by its first position)."""
+
+    def __init__(self, shards, out: OutputDir, ctx):
+        self.sources = {s.stem: s.url for s in shards}
+        self.out, self.ctx = out, ctx
+        self.parts: dict[str, dict[int, PartInfo]] = {stem: {} for stem in self.sources}
+        self.totals: dict[str, int] = {}
+        self.finished: dict[str, dict] = {}  # stem -> {"stem", "source", "total", "kept", "error"}
+
+    def add(self, summary: dict) -> dict | None:
+        """Take one summary row; returns the shard's final result when this row finished it."""
+        stem = summary["stem"]
+        if stem in self.finished or stem not in self.sources:
+            return None
+        if summary["error"] is not None:
+            return self._finish(stem, total=0, kept=0, error=summary["error"])
+        if summary["committed"]:
+            return self._finish(stem, total=summary["total"], kept=summary["kept"], error=None)
+        if summary["end"]:
+            self.totals[stem] = summary["total"]
+        else:
+            self.parts[stem][summary["first"]] = PartInfo(first=summary["first"], rows=summary["rows"],
+                                                          tar_bytes=summary["part_bytes"],
+                                                          timing=json.loads(summary["timing"] or "{}"))
+        total = self.totals.get(stem)
+        if total is not None and parts_cover(list(self.parts[stem].values()), total):
+            return self._commit(stem, total)
+        return None
+
+    def _commit(self, stem: str, total: int) -> dict:
+        from pipeline.steps import describe, stage_names as names_of
+
+        try:
+            record = commit_shard(self.out, stem, self.sources[stem], list(self.parts[stem].values()), total,
+                                  names_of(self.ctx.stages()), self.ctx.fingerprint, self.ctx.config_name)
+        except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
+            return self._finish(stem, total=0, kept=0, error=f"committing outputs: {describe(exc)}")
+        return self._finish(stem, total=record["total"], kept=record["kept"], error=None)
+
+    def _finish(self, stem: str, total: int, kept: int, error: str | None) -> dict:
+        self.parts.pop(stem, None)
+        self.finished[stem] = {"stem": stem, "source": self.sources[stem], "total": total, "kept": kept,
+                               "error": error}
+        return self.finished[stem]
+
+    def unfinished(self) -> list[dict]:
+        """Shards the run ended without committing: their parts do not cover their samples."""
+        return [self._finish(stem, 0, 0, "incomplete: the parts written do not cover every sample of the shard "
+                                         "(rerun to redo it)")
+                for stem in list(self.sources) if stem not in self.finished]
+
+
+def _consume(plan, shards, out: OutputDir, ctx, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
-    summaries = []
+    book = ShardBook(shards, out, ctx)
+    results: list[dict] = []
     samples = kept = 0
-    with tqdm(total=total_shards, unit="shard", disable=not progress, file=sys.stderr,
-              desc="curating") as bar:
+    with tqdm(total=len(shards), unit="shard", disable=not progress, file=sys.stderr, desc="curating") as bar:
         for summary in plan.iter_rows():
-            summaries.append(summary)
-            samples += summary["total"]
-            kept += summary["kept"]
-            bar.set_postfix(samples=samples, kept=kept, failed=sum(1 for s in summaries if s["error"]))
+            result = book.add(summary)
+            if result is None:
+                continue
+            results.append(result)
+            samples += result["total"]
+            kept += result["kept"]
+            bar.set_postfix(samples=samples, kept=kept, failed=sum(1 for r in results if r["error"]))
             bar.update(1)
-    return summaries
+    return results + book.unfinished()
 
 
 def write_stats(out: OutputDir, config: CurationConfig) -> dict:
@@ -240,10 +319,8 @@ def reselect(out: OutputDir, config: CurationConfig) -> int:
                if c in manifest.column_names):
             continue
         changed_shards += 1
-        _rewrite_shard(out, stem, record["source"], updated)
-        sink = pa.BufferOutputStream()
-        pq.write_table(updated, sink, compression="zstd")
-        atomic_write_bytes(out.manifest_path(stem), sink.getvalue().to_pybytes())
+        _rewrite_shard(out, stem, record["source"], updated, config.read)
+        atomic_write_bytes(out.manifest_path(stem), manifest_bytes(updated))
         atomic_write_json(out.done_path(stem),
                           {**record, **shard_stats(updated.column("drop_reason").to_pylist(), names)})
     atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
@@ -280,15 +357,34 @@ def _threshold_keys(specs: list[StageSpec]) -> list[str]:
     return [f"{s.name}.{key}" for s in specs for key in sorted(s.stage_class.thresholds)]
 
 
-def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table) -> None:
-    """Write the output shard again from the input shard's bytes and the manifest's (unchanged) annotations."""
-    original = read_shard(source)
-    row_of = {key: i for i, key in enumerate(original.column("key").to_pylist())}
-    rows = pa.array([row_of[key] for key in manifest.column("key").to_pylist()], pa.int64())
-    table = manifest.drop_columns(["shard", "image_bytes"])
-    table = table.append_column("image", original.column("image").take(rows))
-    table = table.append_column("metadata_json", original.column("metadata_json").take(rows))
-    atomic_write_bytes(out.shard_path(stem), build_shard_tar(table, source))
+def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table, read: ReadParams) -> None:
+    """Write the output shard again from the input shard's bytes and the manifest's (unchanged) annotations,
+    batch by batch, so memory stays bounded whatever the shard's size."""
+    rows = manifest.drop_columns(["shard", "image_bytes"]).sort_by("position")
+    positions = rows.column("position").to_pylist()
+    if positions != list(range(len(positions))):
+        raise UsageError(f"manifest of {stem} does not list positions 0..{len(positions) - 1}: rerun with --force")
+    path = out.shard_path(stem)
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.urandom(6).hex()}")
+    written = 0
+    try:
+        with open(tmp, "wb") as target:
+            for batch in iter_sample_batches(source, read):
+                first = batch.column("position")[0].as_py()
+                part = rows.slice(first, batch.num_rows)
+                if part.column("key").to_pylist() != batch.column("key").to_pylist():
+                    raise UsageError(f"input shard {source} changed since it was curated: rerun with --force")
+                part = part.append_column("image", batch.column("image"))
+                part = part.append_column("metadata_json", batch.column("metadata_json"))
+                fragment = tar_fragment(part, source)
+                target.write(fragment)
+                written += len(fragment)
+            target.write(tar_trailer(written))
+            target.flush()
+            os.fsync(target.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def shard_status(output: str, inputs: list[str] | None = None) -> dict[str, list[str]]:

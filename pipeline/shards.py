@@ -1,26 +1,35 @@
-"""Finding input shards and reading one WebDataset shard into an Arrow table of samples.
+"""Finding input shards and streaming one WebDataset shard as bounded batches of samples (Arrow tables).
 
-A shard is read whole by one worker: work, outputs and completion are keyed on the input shard, which is what
-makes reruns exactly-once. Problems with a single sample (missing caption, undecodable text) become that
-sample's ``read_error``; problems with the archive itself (truncated tar, non-file member, samples that are not
+A shard is read by one worker, front to back, in batches of at most ``batch_samples`` samples and about
+``batch_bytes`` bytes, so memory does not grow with the shard's size. Problems with a single sample (missing
+caption, undecodable text, an oversized or unsafe member) become that sample's ``read_error``; problems with the
+archive itself (truncated tar, bad header checksum, a member that is not a regular file, samples that are not
 contiguous) raise ``ShardError`` and fail the shard as a whole, with the reason.
+
+The tar format is parsed here directly (ustar, GNU and pax headers): the standard library's ``tarfile`` builds a
+``TarInfo`` object and a file wrapper per member, which costs more than everything else a rule stage does. Every
+member's size is checked against its limit from the header, before its bytes are read; members with a suffix no
+stage uses are skipped without being read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob as globlib
+import json
 import os
 import posixpath
-import tarfile
+import stat
 from dataclasses import dataclass
+from typing import BinaryIO, Iterator
 
 import braceexpand
 import fsspec
 import pyarrow as pa
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-MAX_CAPTION_BYTES = 16_384  # a caption this long is junk (scraped page text), not alt-text
 ORIGINAL_CAPTION_KEEP = 1_000  # characters of an oversized caption kept in the manifest
+MAX_KEY_BYTES = 512  # longer member names are not keys of a real dataset
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -34,6 +43,28 @@ SAMPLE_SCHEMA = pa.schema(
         ("read_error", pa.string()),
     ]
 )
+
+
+@dataclasses.dataclass
+class ReadParams:
+    """How shards are read: batch bounds (resources: they never change a result) and per-member limits
+    (they decide ``read`` verdicts, so they are part of the configuration's fingerprint)."""
+
+    batch_samples: int = 1_000  # samples per batch
+    batch_bytes: int = 64 * 2**20  # member bytes per batch (a batch closes at the sample that crosses it)
+    max_image_bytes: int = 32 * 2**20  # larger image files are dropped as read:image_too_large, unread
+    max_caption_bytes: int = 16_384  # a caption this long is scraped page text, not alt-text
+    max_json_bytes: int = 1 * 2**20  # larger .json members are dropped as read:json_too_large, unread
+
+    RESOURCES = ("batch_samples", "batch_bytes")
+
+    def annotation_settings(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RESOURCES}
+
+    def validate(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if value < 1:
+                raise ValueError(f"read.{name} must be at least 1, got {value}")
 
 
 class InputError(ValueError):
@@ -70,6 +101,9 @@ def expand_inputs(patterns: list[str]) -> list[Shard]:
     stems: dict[str, str] = {}
     for url in unique:
         stem = shard_stem(url)
+        if not stem or stem.startswith(".") or not stem.isprintable() or "\\" in stem:
+            raise InputError(f"input shard {url!r} has a name that cannot name an output file (empty, hidden or with "
+                             "control characters): rename it")
         if stem in stems:
             raise InputError(
                 f"two input shards share the file name '{stem}.tar' ({stems[stem]} and {url}); outputs are named "
@@ -79,8 +113,16 @@ def expand_inputs(patterns: list[str]) -> list[Shard]:
     return [Shard(url=url, stem=shard_stem(url)) for url in unique]
 
 
+def _is_regular_file(path: str) -> bool:
+    """Only regular files are shards: a FIFO or device named ``x.tar`` would block or never end."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _expand_one(item: str) -> list[str]:
-    if _is_url(item):
+    if _is_url(item) and not item.startswith("file://"):
         fs, _, paths = fsspec.get_fs_token_paths(item)
         protocol = item.split("://", 1)[0]
         found = []
@@ -90,11 +132,15 @@ def _expand_one(item: str) -> list[str]:
             elif fs.exists(path):
                 found.append(path)
         return [p if "://" in p else f"{protocol}://{p}" for p in found]
-    if any(ch in item for ch in "*?["):
-        return [p for p in globlib.glob(item) if p.endswith(".tar") and os.path.isfile(p)]
-    if os.path.isdir(item):
-        return [os.path.join(item, name) for name in os.listdir(item) if name.endswith(".tar")]
-    return [item] if os.path.isfile(item) else []
+    local = item[len("file://"):] if item.startswith("file://") else item
+    if any(ch in local for ch in "*?["):
+        found = [p for p in globlib.glob(local) if p.endswith(".tar") and _is_regular_file(p)]
+    elif os.path.isdir(local):
+        found = [os.path.join(local, name) for name in os.listdir(local)
+                 if name.endswith(".tar") and _is_regular_file(os.path.join(local, name))]
+    else:
+        found = [local] if _is_regular_file(local) else []
+    return [f"file://{p}" for p in found] if item.startswith("file://") else found
 
 
 def shard_stem(url: str) -> str:
@@ -110,67 +156,290 @@ def split_member_name(name: str) -> tuple[str, str]:
     return key, suffix.lower() if dot else ""
 
 
-def read_shard(url: str) -> pa.Table:
-    """Read a whole shard into a table with ``SAMPLE_SCHEMA`` (one row per key, in archive order)."""
-    samples: list[dict] = []
-    seen: set[str] = set()
-    current: dict | None = None
+def unsafe_key_reason(key: str) -> str | None:
+    """Why a key cannot be written as a member name of an output shard (a plain relative name), or None."""
+    if not key or key == ".":
+        return "empty key"
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        return "key longer than 512 bytes"
+    if key.startswith("/"):
+        return "absolute path"
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        return "'.', '..' or empty path component"
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch == "\\" for ch in key):
+        return "control character or backslash"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- tar format
+
+BLOCK = 512
+_REGULAR = (b"0", b"\0", b"7")  # regular file (7: contiguous file, read as regular)
+_SKIPPED_TYPES = (b"5", b"g")  # directories; pax global headers
+_LONG_NAME, _PAX = b"L", b"x"
+_MAX_EXTENSION_HEADER = 1 * 2**20  # a pax or GNU long-name header larger than this is not a real shard
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] in (b"\x80", b"\xff"):  # GNU base-256 for sizes over 8 GiB
+        value = int.from_bytes(field[1:], "big")
+        return -value if field[:1] == b"\xff" else value
+    text = field.rstrip(b"\0 ").lstrip(b" ")
+    return int(text, 8) if text else 0
+
+
+def _checksum_ok(header: bytes) -> bool:
+    stored = _octal(header[148:156])
+    computed = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as eight spaces
+    return stored == computed
+
+
+class _TarStream:
+    """Members of a tar stream as (name, size, type); the caller reads or skips each member's data."""
+
+    def __init__(self, raw: BinaryIO):
+        self.raw = raw
+        self.index = 0
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self.raw.read(n)
+        if len(data) != n:
+            raise ShardError(f"unreadable tar archive (ReadError: unexpected end of data at member {self.index})")
+        return data
+
+    def read_data(self, size: int) -> bytes:
+        data = self._read_exact(size)
+        pad = -size % BLOCK
+        if pad:
+            self._read_exact(pad)
+        return data
+
+    def read_prefix(self, size: int, keep: int) -> bytes:
+        """The first ``keep`` bytes of a member; the rest is skipped."""
+        data = self._read_exact(min(size, keep))
+        self.skip_data(size - len(data), already_padded=False, total=size)
+        return data
+
+    def skip_data(self, size: int, already_padded: bool = False, total: int | None = None) -> None:
+        remaining = size + (0 if already_padded else -(total if total is not None else size) % BLOCK)
+        while remaining > 0:
+            chunk = self.raw.read(min(remaining, 4 * 2**20))
+            if not chunk:
+                raise ShardError(f"unreadable tar archive (ReadError: unexpected end of data at member {self.index})")
+            remaining -= len(chunk)
+
+    def members(self) -> Iterator[tuple[str, int, bytes]]:
+        long_name: str | None = None
+        pax: dict[str, str] = {}
+        while True:
+            header = self.raw.read(BLOCK)
+            if not header or header == b"\0" * BLOCK:
+                if len(header) not in (0, BLOCK):
+                    raise ShardError("unreadable tar archive (ReadError: truncated header)")
+                return  # end of archive (or a stream that simply stops between members)
+            if len(header) != BLOCK:
+                raise ShardError("unreadable tar archive (ReadError: truncated header)")
+            if not _checksum_ok(header):
+                raise ShardError(f"unreadable tar archive (ReadError: bad checksum at member {self.index})")
+            try:
+                size = _octal(header[124:136])
+            except ValueError:
+                raise ShardError(f"unreadable tar archive (ReadError: bad size field at member {self.index})") from None
+            if size < 0:
+                raise ShardError(f"unreadable tar archive (ReadError: negative size at member {self.index})")
+            kind = header[156:157]
+            if kind in (_LONG_NAME, _PAX):
+                if size > _MAX_EXTENSION_HEADER:
+                    raise ShardError(f"unreadable tar archive (extension header of {size} bytes)")
+                data = self.read_data(size)
+                if kind == _LONG_NAME:
+                    long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+                else:
+                    pax = _parse_pax(data)
+                continue
+            name = long_name or pax.get("path") or _header_name(header)
+            if "size" in pax:
+                try:
+                    size = int(pax["size"])
+                except ValueError:
+                    raise ShardError("unreadable tar archive (bad pax size)") from None
+            long_name, pax = None, {}
+            self.index += 1
+            if kind in _SKIPPED_TYPES:
+                self.skip_data(size)
+                continue
+            if kind not in _REGULAR:
+                raise ShardError(f"member {name!r} is not a regular file (links and devices are refused)")
+            yield name, size, kind
+
+
+def _header_name(header: bytes) -> str:
+    name = header[0:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape")
+
+
+def _parse_pax(data: bytes) -> dict[str, str]:
+    """pax extended header records: "LEN key=value\\n" each."""
+    records: dict[str, str] = {}
+    offset = 0
+    while offset < len(data) and data[offset:offset + 1] != b"\0":
+        space = data.find(b" ", offset)
+        if space < 0:
+            raise ShardError("unreadable tar archive (bad pax header)")
+        try:
+            length = int(data[offset:space])
+        except ValueError:
+            raise ShardError("unreadable tar archive (bad pax header)") from None
+        if length <= 0 or offset + length > len(data):
+            raise ShardError("unreadable tar archive (bad pax header)")
+        key, _, value = data[space + 1:offset + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "surrogateescape")
+        offset += length
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ sample batches
+
+_CAPTION, _JSON = "txt", "json"
+_USED = {*IMAGE_EXTENSIONS, _CAPTION, _JSON}
+
+
+class _Sample:
+    __slots__ = ("key", "files", "error", "bytes")
+
+    def __init__(self, key: str):
+        self.key = key
+        self.files: dict[str, bytes] = {}
+        self.error: str | None = unsafe_key_reason(key) and "unsafe_key"
+        self.bytes = 0
+
+
+def iter_sample_batches(url: str, params: ReadParams | None = None) -> Iterator[pa.Table]:
+    """Stream a shard as tables with ``SAMPLE_SCHEMA``, in archive order, each a bounded batch of samples."""
+    params = params or ReadParams()
     try:
-        with fsspec.open(url, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as archive:
-            for index, member in enumerate(archive):
-                if member.isdir():
-                    continue
-                if not member.isfile():
-                    raise ShardError(f"member {member.name!r} is not a regular file (links and devices are refused)")
-                key, suffix = split_member_name(member.name)
-                if current is None or key != current["key"]:
-                    if key in seen:
-                        raise ShardError(
-                            f"samples are not contiguous: key {key!r} appears again at member {index}; "
-                            "rebuild the shard with its files grouped by key (tar --sort=name)"
-                        )
-                    seen.add(key)
-                    current = {"key": key, "files": {}}
-                    samples.append(current)
-                data = archive.extractfile(member).read()
-                current["files"].setdefault(suffix, data)
+        with _open(url) as raw:
+            yield from _batches(_TarStream(raw), params)
     except ShardError:
         raise
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise ShardError(f"unreadable tar archive ({type(exc).__name__}: {exc})") from None
-    return pa.Table.from_pylist([_sample_row(i, s) for i, s in enumerate(samples)], schema=SAMPLE_SCHEMA)
+    except (EOFError, OSError, ValueError, UnicodeError) as exc:
+        raise ShardError(f"unreadable tar archive ({type(exc).__name__}: {exc})"[:1000]) from None
 
 
-def _sample_row(position: int, sample: dict) -> dict:
-    files: dict[str, bytes] = sample["files"]
+def _open(url: str):
+    if _is_url(url) and not url.startswith("file://"):
+        return fsspec.open(url, "rb", block_size=8 * 2**20).open()
+    path = url[len("file://"):] if url.startswith("file://") else url
+    if not _is_regular_file(path):
+        raise ShardError(f"{path} is not a regular file")
+    return open(path, "rb", buffering=1 * 2**20)
+
+
+def _batches(stream: _TarStream, params: ReadParams) -> Iterator[pa.Table]:
+    seen: set[str] = set()
+    batch: list[_Sample] = []
+    batch_bytes = 0
+    position = 0
+    current: _Sample | None = None
+    for name, size, _ in stream.members():
+        key, suffix = split_member_name(name)
+        if current is None or key != current.key:
+            if key in seen:
+                raise ShardError(
+                    f"samples are not contiguous: key {key[:200]!r} appears again at member {stream.index - 1}; "
+                    "rebuild the shard with its files grouped by key (tar --sort=name)"
+                )
+            if current is not None and (len(batch) >= params.batch_samples or batch_bytes >= params.batch_bytes):
+                yield _to_table(batch, position, params)
+                position += len(batch)
+                batch, batch_bytes = [], 0
+            seen.add(key)
+            current = _Sample(key)
+            batch.append(current)
+        if suffix not in _USED or suffix in current.files:
+            stream.skip_data(size)  # unused suffixes (and repeated ones) are never read into memory
+            continue
+        limit = {_CAPTION: params.max_caption_bytes, _JSON: params.max_json_bytes}.get(suffix, params.max_image_bytes)
+        if size > limit:
+            if suffix == _CAPTION:  # keep the beginning for the manifest
+                current.files[suffix] = stream.read_prefix(size, 4 * ORIGINAL_CAPTION_KEEP)
+                current.error = current.error or "caption_too_large"
+            else:
+                stream.skip_data(size)
+                current.files[suffix] = b""
+                current.error = current.error or ("json_too_large" if suffix == _JSON else "image_too_large")
+            continue
+        data = stream.read_data(size)
+        current.files[suffix] = data
+        batch_bytes += size
+    if batch:
+        yield _to_table(batch, position, params)
+
+
+def _to_table(batch: list[_Sample], first_position: int, params: ReadParams) -> pa.Table:
+    columns: dict[str, list] = {name: [] for name in SAMPLE_SCHEMA.names}
+    for offset, sample in enumerate(batch):
+        for name, value in _sample_values(sample, params).items():
+            columns[name].append(value)
+        columns["position"].append(first_position + offset)
+    return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
+
+
+def _sample_values(sample: _Sample, params: ReadParams) -> dict:
+    """One sample's row. Its ``read_error``, first applicable: unsafe_key, missing_image, missing_caption, a
+    member over its limit (image/caption/json_too_large), caption_not_utf8 or empty_caption, bad_json."""
+    files = sample.files
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
-    caption_bytes = files.get("txt")
-    metadata = files.get("json")
-    caption_original, error = None, None
+    caption_bytes = files.get(_CAPTION)
+    caption_original, caption_error = None, None
     if caption_bytes is not None:
         try:
             caption_original = caption_bytes.decode("utf-8")
         except UnicodeDecodeError:
             caption_original = caption_bytes.decode("utf-8", errors="replace")
-            error = "caption_not_utf8"
-        else:
-            if len(caption_bytes) > MAX_CAPTION_BYTES:
-                error = "caption_too_large"
-            elif not caption_original.strip():
-                error = "empty_caption"
-        if len(caption_original) > ORIGINAL_CAPTION_KEEP and error:
-            caption_original = caption_original[:ORIGINAL_CAPTION_KEEP] + "…"
-    if image_ext is None:
-        error = "missing_image"
-    elif caption_bytes is None:
-        error = "missing_caption"
+            caption_error = "caption_not_utf8"
+        if not caption_original.strip():
+            caption_error = caption_error or "empty_caption"
+    metadata_text, json_error = _checked_json(files[_JSON]) if files.get(_JSON) else (None, None)
+    if sample.error in ("caption_too_large", "image_too_large", "json_too_large"):
+        caption_error = json_error = None  # the member over its limit is the reason (a prefix may be cut mid-character)
+    error = (
+        ("unsafe_key" if sample.error == "unsafe_key" else None)
+        or ("missing_image" if image_ext is None else None)
+        or ("missing_caption" if caption_bytes is None else None)
+        or sample.error
+        or caption_error
+        or json_error
+    )
+    if caption_original is not None and len(caption_original) > ORIGINAL_CAPTION_KEEP and error:
+        caption_original = caption_original[:ORIGINAL_CAPTION_KEEP] + "…"
     return {
-        "key": sample["key"],
-        "position": position,
+        "key": sample.key,
         "image": files[image_ext] if image_ext else None,
         "image_ext": image_ext,
-        "metadata_json": metadata.decode("utf-8", errors="replace") if metadata is not None else None,
+        "metadata_json": metadata_text,
         "caption_original": caption_original,
         "caption": caption_original if error is None else None,
         "read_error": error,
     }
+
+
+def _checked_json(data: bytes) -> tuple[str | None, str | None]:
+    """The metadata text, and ``bad_json`` when it is not JSON that Python can load (invalid UTF-8, syntax,
+    integers beyond Python's digit limit, nesting beyond the recursion limit)."""
+    try:
+        text = data.decode("utf-8")
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return data[:ORIGINAL_CAPTION_KEEP].decode("utf-8", "replace"), "bad_json"
+    return text, None
+
+
+def read_shard(url: str, params: ReadParams | None = None) -> pa.Table:
+    """A whole shard as one table (tests, reports, small tools; the pipeline streams batches instead)."""
+    batches = list(iter_sample_batches(url, params))
+    return pa.concat_tables(batches) if batches else SAMPLE_SCHEMA.empty_table()

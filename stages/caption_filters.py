@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import unicodedata
 
 import emoji
 import polars as pl
 import pyarrow as pa
 
+from models.clip_bpe import count_clip_tokens
 from models.langid import load_fasttext
 from stages.base import SampleBatch, Stage, StageParams, first_reason
 
@@ -180,11 +182,7 @@ class LengthParams(StageParams):
     cjk_share: float = 0.5  # a caption is "Chinese" when this share of its characters are ideographs
 
 
-@functools.lru_cache(maxsize=1)
-def clip_bpe():
-    from open_clip.tokenizer import SimpleTokenizer  # ships its BPE vocabulary in the wheel
-
-    return SimpleTokenizer()
+_CJK_IDEOGRAPH = re.compile("[\u4e00-\u9fff\u3400-\u4dbf\uf900-\ufaff\U00020000-\U0003134f\u3007]")
 
 
 class LengthStage(Stage):
@@ -198,17 +196,27 @@ class LengthStage(Stage):
         "length_cjk_chars": pa.int32(),
         "length_clip_tokens": pa.int32(),
     }
-    thresholds = frozenset({"min_words", "min_chars", "max_clip_tokens", "max_cjk_chars", "cjk_share"})
+    # max_clip_tokens is not a threshold: captions too short to reach it are not tokenised (see annotate).
+    thresholds = frozenset({"min_words", "min_chars", "max_cjk_chars", "cjk_share"})
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
-        tokenizer = clip_bpe()
         words, chars, cjk, tokens = [], [], [], []
-        for caption in batch.captions:
-            words.append(len(caption.split()))
-            chars.append(sum(1 for ch in caption if not ch.isspace()))
-            cjk.append(0 if caption.isascii() else sum(1 for ch in caption if is_cjk_ideograph(ch)))
-            # Very long text is certainly over the limit: cap the work spent tokenising it.
-            tokens.append(len(tokenizer.encode(caption[:4000])) + 2)
+        to_count: list[int] = []
+        for i, caption in enumerate(batch.captions):
+            parts = caption.split()
+            words.append(len(parts))
+            non_space = sum(map(len, parts))
+            chars.append(non_space)
+            ascii_only = caption.isascii()
+            cjk.append(0 if ascii_only else len(_CJK_IDEOGRAPH.findall(caption)))
+            tokens.append(None)
+            # An ASCII caption has at most one CLIP token per non-space character: one that cannot exceed
+            # max_clip_tokens is not tokenised (its count stays null).
+            if not ascii_only or non_space + 2 > self.params.max_clip_tokens:
+                to_count.append(i)
+        counts = count_clip_tokens([batch.captions[i] for i in to_count])
+        for i, count in zip(to_count, counts):
+            tokens[i] = count
         return {"length_words": words, "length_chars": chars, "length_cjk_chars": cjk, "length_clip_tokens": tokens}
 
     def reject_reason(self) -> pl.Expr:

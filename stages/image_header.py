@@ -14,22 +14,92 @@ from stages.base import SampleBatch, Stage, StageParams, first_reason
 
 
 def read_header(data: bytes) -> tuple[int | None, int | None, str | None, str | None]:
-    """(width, height, format, error) from the image header; never decodes pixels."""
+    """(width, height, format, error) from the image header; never decodes pixels.
+
+    JPEG, PNG, WebP and GIF headers are parsed here from the first bytes; anything else (or a header this parser
+    cannot follow) goes to PIL's lazy open, which also reads only the header."""
     if not data:
         return None, None, None, "empty_file"
+    parsed = parse_header(data)
+    if parsed is not None:
+        return parsed[0], parsed[1], parsed[2], None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning: max_pixels is our own threshold
             with Image.open(io.BytesIO(data)) as image:
                 width, height = image.size
                 return width, height, image.format, None
+    except Image.DecompressionBombError:
+        return None, None, None, "DecompressionBombError: image header declares too many pixels"
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a per-sample verdict
         return None, None, None, f"{type(exc).__name__}: {exc}"[:200]
 
 
-# Headers are read without pixel decoding, so PIL's own bomb check only gets in the way; the image_size stage
-# applies max_pixels instead, and pixel-decoding stages re-enable a limit where they decode.
-Image.MAX_IMAGE_PIXELS = None
+# JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8 and DAC CC) carry the frame size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_JPEG_SCAN_LIMIT = 1 * 2**20  # a header whose frame size is not found within this many bytes goes to PIL
+
+
+def parse_header(data: bytes) -> tuple[int, int, str] | None:
+    """(width, height, format) of a JPEG, PNG, WebP or GIF from its first bytes, or None to let PIL decide."""
+    head = data[:4]
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) >= 24 and data[12:16] == b"IHDR":
+            width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+            return (width, height, "PNG") if width and height else None
+        return None
+    if head == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_size(data)
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        width, height = int.from_bytes(data[6:8], "little"), int.from_bytes(data[8:10], "little")
+        return (width, height, "GIF") if width and height else None
+    return None
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int, str] | None:
+    offset, end = 2, min(len(data), _JPEG_SCAN_LIMIT)
+    while offset + 4 <= end:
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            offset += 2
+            continue
+        length = int.from_bytes(data[offset + 2:offset + 4], "big")
+        if length < 2:
+            return None
+        if marker in _JPEG_SOF:
+            if offset + 9 > len(data):
+                return None
+            height = int.from_bytes(data[offset + 5:offset + 7], "big")
+            width = int.from_bytes(data[offset + 7:offset + 9], "big")
+            return (width, height, "JPEG") if width and height else None
+        if marker == 0xDA:  # start of scan before any frame header
+            return None
+        offset += 2 + length
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int, str] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width = int.from_bytes(data[26:28], "little") & 0x3FFF
+        height = int.from_bytes(data[28:30], "little") & 0x3FFF
+    elif chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        width, height = (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    elif chunk == b"VP8X" and len(data) >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+    else:
+        return None
+    return (width, height, "WEBP") if width and height else None
+
 
 HEADER_COLUMNS = {
     "image_width": pa.int32(),

@@ -151,8 +151,8 @@ class CapFiltStage(ModelStage):
         n = self.params.num_captions
         web_scores, synthetic, synthetic_scores = [], [], []
         for images, captions, keys in self.sub_batches(batch):
-            seed = zlib.crc32("\n".join(keys).encode()) ^ self.params.seed
-            generated = captioner.caption(images, n, seed) if n else [[] for _ in images]
+            seeds = [zlib.crc32(key.encode("utf-8", "surrogatepass")) ^ self.params.seed for key in keys]
+            generated = captioner.caption(images, n, seeds) if n else [[] for _ in images]
             pair_images = [image for image, texts in zip(images, generated) for image in [image] * (1 + len(texts))]
             pair_texts = [text for caption, texts in zip(captions, generated) for text in [caption, *texts]]
             probabilities = itm.match_probability(pair_images, pair_texts)

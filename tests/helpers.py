@@ -3,7 +3,7 @@
 import pyarrow as pa
 
 from pipeline.config import parse_config
-from pipeline.curate import annotate_shard, finish_shard
+from pipeline.curate import annotate_batch, finish_batch
 from pipeline.shards import SAMPLE_SCHEMA
 
 
@@ -23,8 +23,8 @@ def curate(stage_entries, captions, images=None):
     stages = [spec.build() for spec in config.enabled_stages]
     table = sample_table(captions, images)
     for position, stage in enumerate(stages):
-        table = annotate_shard(table, stage, stages[:position])
-    return finish_shard(table, stages).drop_columns(["image"]).to_pylist()
+        table, _ = annotate_batch(table, stage, stages[:position])
+    return finish_batch(table, stages).drop_columns(["image"]).to_pylist()
 
 
 def reasons(stage_entries, captions, images=None):

@@ -1,0 +1,354 @@
+"""What a run does to a batch of samples, step by step, without Ray (``pipeline.plan`` maps the steps onto Ray).
+
+A recipe's stages are grouped into steps:
+
+* the **source step** reads an input shard as bounded batches and runs every CPU stage up to the first model
+  stage on each batch, as one function over one in-memory Arrow table;
+* one **model step** per model stage, run by an actor pool (one loaded model per actor). Model actors receive a
+  slim table: the position and key of every sample of the batch, and the caption and decoded pixels of only the
+  samples still alive; everything else (image bytes, metadata, earlier annotations) waits in a carry file of the
+  shard's parts folder;
+* the **sink step** joins the model results back onto the carried rows, applies the verdicts and writes the
+  batch's part of the shard's outputs. Without model stages the source step does this itself.
+
+The input shard stays the unit of completion: parts are keyed by the position of their first sample, and a
+shard is committed (parts joined in position order, completion record last) once its parts cover every sample.
+Nothing here depends on how Ray groups rows into blocks: every function works on any contiguous run of samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.config import StageSpec
+from pipeline.curate import annotate_batch, finish_batch, verdicts
+from pipeline.outputs import OutputDir, PartInfo, commit_shard, read_carry, write_carry, write_part
+from pipeline.shards import ReadParams, ShardError, iter_sample_batches
+from stages import Stage
+from stages.image_decode import PIXELS
+
+READ_STEP = "read"
+
+# Columns of the slim table that travels through model actor pools.
+SLIM_FIXED = {
+    "stem": pa.string(),
+    "source": pa.string(),
+    "position": pa.int64(),
+    "key": pa.string(),
+    "caption": pa.string(),
+    "read_error": pa.string(),  # null for samples still alive, "-" for the others (they are carried, not scored)
+    "shard_total": pa.int64(),  # set on the row that ends a shard (position -1): how many samples it had
+    "shard_error": pa.string(),  # set on the row that ends a shard that could not be read to the end
+}
+SECONDS_PREFIX = "seconds:"  # per-sample share of a step's CPU seconds, per stage (summed into each part)
+SAMPLES_PREFIX = "samples:"  # per-sample share of the samples a CPU stage annotated (summed likewise)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """Which stages run where: ``source`` and ``sink`` are CPU stage indices, ``models`` model stage indices."""
+
+    source: tuple[int, ...]
+    models: tuple[int, ...]
+    sink: tuple[int, ...]
+
+    @classmethod
+    def of(cls, specs: list[StageSpec]) -> "StepPlan":
+        model_positions = [i for i, s in enumerate(specs) if s.stage_class.uses_actor_pool]
+        if not model_positions:
+            return cls(tuple(range(len(specs))), (), ())
+        first, last = model_positions[0], model_positions[-1]
+        between = [specs[i].name for i in range(first, last) if i not in model_positions]
+        if between:
+            raise ValueError(
+                f"CPU stage(s) {between} sit between model stages: move them before the first model stage "
+                f"({specs[first].name}) or after the last one ({specs[last].name})"
+            )
+        return cls(tuple(range(first)), tuple(model_positions), tuple(range(last + 1, len(specs))))
+
+
+@dataclasses.dataclass
+class RunContext:
+    """Everything a step needs besides its data; built on the driver, shipped to Ray workers."""
+
+    specs: list[StageSpec]
+    read: ReadParams
+    out_root: str
+    fingerprint: str
+    config_name: str
+
+    @property
+    def plan(self) -> StepPlan:
+        return StepPlan.of(self.specs)
+
+    def stages(self) -> list[Stage]:
+        return cached_stages(self.specs)
+
+
+_STAGE_CACHE: dict[str, list[Stage]] = {}
+
+
+def cached_stages(specs: list[StageSpec]) -> list[Stage]:
+    """Stages are built once per worker process, so models, tokenizers and fastText load once."""
+    key = json.dumps([[s.name, s.kind, dataclasses.asdict(s.params)] for s in specs], sort_keys=True, default=str)
+    if key not in _STAGE_CACHE:
+        _STAGE_CACHE[key] = [spec.build() for spec in specs]
+    return _STAGE_CACHE[key]
+
+
+class StageTimer:
+    """CPU seconds and annotated samples per stage, accumulated over the batches of one part."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.samples: dict[str, int] = {}
+
+    def add(self, name: str, seconds: float, samples: int) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+        self.samples[name] = self.samples.get(name, 0) + samples
+
+    def as_dict(self) -> dict[str, dict]:
+        return {name: {"cpu_seconds": round(self.seconds[name], 6), "samples": self.samples[name]}
+                for name in self.seconds}
+
+    def take(self) -> dict[str, dict]:
+        """The figures so far, and start again from zero (one part's worth)."""
+        figures = self.as_dict()
+        self.seconds, self.samples = {}, {}
+        return figures
+
+
+def run_stages(table: pa.Table, stages: list[Stage], positions: tuple[int, ...], timer: StageTimer) -> pa.Table:
+    """Annotate ``table`` with the stages at ``positions``, in order (each sees the stages before it)."""
+    for position in positions:
+        stage = stages[position]
+        started = time.process_time()
+        table, annotated = annotate_batch(table, stage, stages[:position])
+        timer.add(stage.name, time.process_time() - started, annotated)
+    return table
+
+
+def read_batches(source: str, read: ReadParams, timer: StageTimer) -> Iterator[pa.Table]:
+    """The shard's sample batches, with the CPU time of reading them booked to the ``read`` step."""
+    batches = iter_sample_batches(source, read)
+    while True:
+        started = time.process_time()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        timer.add(READ_STEP, time.process_time() - started, batch.num_rows)
+        yield batch
+
+
+# ------------------------------------------------------------------------------- source step: read + CPU stages
+
+def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
+    """Without model stages: read, annotate, judge and write every batch of a shard, then commit the shard.
+    Yields one summary (the completion record's counts, or the shard's error)."""
+    stages = ctx.stages()
+    out = OutputDir(ctx.out_root)
+    parts: list[PartInfo] = []
+    total = 0
+    try:
+        out.clear_parts(stem)
+        timer = StageTimer()
+        for batch in read_batches(source, ctx.read, timer):
+            batch = run_stages(batch, stages, ctx.plan.source, timer)
+            parts.append(write_part(out, stem, source, finish_batch(batch, stages), timer.take()))
+            total += batch.num_rows
+        record = commit_shard(out, stem, source, parts, total, stage_names(stages), ctx.fingerprint,
+                              ctx.config_name)
+    except Exception as exc:  # noqa: BLE001 - a bad shard fails alone, with its reason
+        out.clear_parts(stem)
+        yield shard_summary(stem, source, error=describe(exc))
+        return
+    yield shard_summary(stem, source, total=record["total"], kept=record["kept"], committed=True)
+
+
+def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
+    """With model stages: read and annotate every batch with the CPU stages before the first model stage, carry
+    the full rows to the shard's parts folder, and yield the slim table the model actors need. The shard ends
+    with one more row that says how many samples it had, or why it could not be read to the end."""
+    stages = ctx.stages()
+    out = OutputDir(ctx.out_root)
+    total = 0
+    try:
+        out.clear_parts(stem)
+        timer = StageTimer()
+        for batch in read_batches(source, ctx.read, timer):
+            batch = run_stages(batch, stages, ctx.plan.source, timer)
+            yield slim_table(ctx, out, stem, source, batch, stages, timer.take())
+            total += batch.num_rows
+    except Exception as exc:  # noqa: BLE001
+        yield end_row(ctx, stem, source, error=describe(exc))
+        return
+    yield end_row(ctx, stem, source, total=total)
+
+
+def slim_table(ctx: RunContext, out: OutputDir, stem: str, source: str, batch: pa.Table, stages: list[Stage],
+               timing: dict[str, dict]) -> pa.Table:
+    first_model = ctx.plan.models[0]
+    alive = pa.array([reason is None for reason in verdicts(batch, stages[:first_model])], pa.bool_())
+    transient = [name for stage in stages for name in stage.transient_columns if name in batch.column_names]
+    write_carry(out, stem, batch.drop_columns(transient))
+    n = batch.num_rows
+    columns = {
+        "stem": pa.array([stem] * n, pa.string()),
+        "source": pa.array([source] * n, pa.string()),
+        "position": batch.column("position").cast(pa.int64()),
+        "key": batch.column("key"),
+        "caption": pc.if_else(alive, batch.column("caption"), pa.nulls(n, pa.string())),
+        "read_error": pc.if_else(alive, pa.nulls(n, pa.string()), pa.scalar("-", pa.string())),
+        "shard_total": pa.nulls(n, pa.int64()),
+        "shard_error": pa.nulls(n, pa.string()),
+    }
+    model_inputs = [PIXELS, "decode_size"] if PIXELS in batch.column_names else ["image"]
+    for name in model_inputs:
+        column = batch.column(name)
+        columns[name] = pc.if_else(alive, column, pa.nulls(n, column.type))
+    for name, figures in timing.items():
+        columns[SECONDS_PREFIX + name] = pa.array([figures["cpu_seconds"] / n] * n, pa.float64())
+        columns[SAMPLES_PREFIX + name] = pa.array([figures["samples"] / n] * n, pa.float64())
+    return pa.table(columns)
+
+
+def end_row(ctx: RunContext, stem: str, source: str, total: int | None = None, error: str | None = None) -> pa.Table:
+    row = {"stem": stem, "source": source, "position": -1, "key": None, "caption": None, "read_error": "-",
+           "shard_total": total, "shard_error": error}
+    return pa.Table.from_pylist([row], schema=pa.schema(SLIM_FIXED))
+
+
+# ------------------------------------------------------------------------------------------------ model steps
+
+def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
+    """One model stage over a slim table: it scores the samples that are alive and not dropped by an earlier
+    model stage, and books its CPU time to the rows it saw."""
+    stages = ctx.stages()
+    earlier_models = [stages[i] for i in ctx.plan.models if i < index]
+    stage = stages[index]
+    started = time.process_time()
+    table, annotated = annotate_batch(table, stage, earlier_models)
+    seconds = time.process_time() - started
+    n = table.num_rows
+    column = SECONDS_PREFIX + stage.name
+    share = pa.array([seconds / n if n else 0.0] * n, pa.float64())
+    if column in table.column_names:
+        share = pc.add(table.column(column), share)
+        return table.set_column(table.column_names.index(column), column, share)
+    return table.append_column(column, share)
+
+
+# -------------------------------------------------------------------------------------------------- sink step
+
+def write_model_results(ctx: RunContext, table: pa.Table) -> list[dict]:
+    """The sink after the model stages: for each run of consecutive samples of one shard, join the model
+    columns onto the carried rows, judge, and write the part. Returns one summary per part or shard end."""
+    stages = ctx.stages()
+    out = OutputDir(ctx.out_root)
+    summaries = []
+    for stem, source, rows in contiguous_runs(table):
+        first = rows.column("position")[0].as_py()
+        if first < 0:  # the row that ends a shard
+            total, error = rows.column("shard_total")[0].as_py(), rows.column("shard_error")[0].as_py()
+            summaries.append(shard_summary(stem, source, total=total, error=error, end=True))
+            continue
+        try:
+            full = join_model_columns(read_carry(out, stem, first, rows.num_rows), rows, stages, ctx.plan)
+            timer = StageTimer()
+            for name in (c for c in rows.column_names if c.startswith(SECONDS_PREFIX)):
+                stage = name[len(SECONDS_PREFIX):]
+                shares = rows.column(SAMPLES_PREFIX + stage) if SAMPLES_PREFIX + stage in rows.column_names else None
+                samples = round(pc.sum(shares).as_py() or 0) if shares is not None else 0
+                timer.add(stage, pc.sum(rows.column(name)).as_py() or 0.0, samples)
+            for name, count in annotated_counts(full, stages, ctx.plan).items():
+                timer.samples[name] = count
+            full = run_stages(full, stages, ctx.plan.sink, timer)
+            part = write_part(out, stem, source, finish_batch(full, stages), timer.as_dict())
+            summaries.append(shard_summary(stem, source, part=part))
+        except Exception as exc:  # noqa: BLE001 - this shard fails; other shards' parts go on
+            summaries.append(shard_summary(stem, source, error=f"writing outputs: {describe(exc)}", end=True))
+    return summaries
+
+
+def contiguous_runs(table: pa.Table) -> Iterator[tuple[str, str, pa.Table]]:
+    """Maximal runs of rows of one shard with consecutive positions; a shard-end row is a run of its own."""
+    stems = table.column("stem").to_pylist()
+    positions = table.column("position").to_pylist()
+    start = 0
+    for i in range(1, len(stems) + 1):
+        if (i == len(stems) or stems[i] != stems[start] or positions[i] != positions[i - 1] + 1
+                or positions[i] < 0 or positions[start] < 0):
+            yield stems[start], table.column("source")[start].as_py(), table.slice(start, i - start)
+            start = i
+
+
+def join_model_columns(carried: pa.Table, slim: pa.Table, stages: list[Stage], plan: StepPlan) -> pa.Table:
+    """The carried rows with the model stages' columns (and any error they recorded) added, in position order."""
+    if carried.column("position").cast(pa.int64()).to_pylist() != slim.column("position").to_pylist():
+        raise ShardError("carried rows do not match the model results (positions differ)")
+    table = carried
+    for index in plan.models:
+        for name in stages[index].columns:
+            if name in table.column_names:
+                table = table.drop_columns([name])
+            table = table.append_column(name, slim.column(name))
+    if "error_stage" in slim.column_names:
+        model_stage, model_message = slim.column("error_stage"), slim.column("error_message")
+        if "error_stage" in table.column_names:
+            keep = table.column("error_stage").is_valid()
+            model_stage = pc.if_else(keep, table.column("error_stage"), model_stage)
+            model_message = pc.if_else(keep, table.column("error_message"), model_message)
+            table = table.drop_columns(["error_stage", "error_message"])
+        table = table.append_column("error_stage", model_stage).append_column("error_message", model_message)
+    return table
+
+
+def annotated_counts(table: pa.Table, stages: list[Stage], plan: StepPlan) -> dict[str, int]:
+    """How many samples each model stage scored in this run of rows (for the per-stage timing record)."""
+    return {stages[i].name: table.num_rows - table.column(next(iter(stages[i].columns))).null_count
+            for i in plan.models if stages[i].columns}
+
+
+# ------------------------------------------------------------------------------------------------- summaries
+
+SUMMARY_SCHEMA = pa.schema([
+    ("stem", pa.string()), ("source", pa.string()),
+    ("first", pa.int64()), ("rows", pa.int64()), ("part_bytes", pa.int64()),  # a written part
+    ("end", pa.bool_()), ("total", pa.int64()),  # the shard ends here, with this many samples
+    ("committed", pa.bool_()), ("kept", pa.int64()),  # the shard was committed by the worker that read it
+    ("error", pa.string()), ("timing", pa.string()),
+])
+
+
+def shard_summary(stem: str, source: str, part: PartInfo | None = None, total: int | None = None,
+                  kept: int | None = None, error: str | None = None, end: bool = False,
+                  committed: bool = False) -> dict:
+    return {
+        "stem": stem, "source": source,
+        "first": part.first if part else None, "rows": part.rows if part else None,
+        "part_bytes": part.tar_bytes if part else None,
+        "end": end or committed, "total": total, "committed": committed, "kept": kept, "error": error,
+        "timing": json.dumps(part.timing) if part else None,
+    }
+
+
+def stage_names(stages: list[Stage]) -> list[str]:
+    from pipeline.curate import READ_STAGE
+
+    return [READ_STAGE, *(s.name for s in stages)]
+
+
+def describe(exc: BaseException) -> str:
+    import traceback
+
+    if isinstance(exc, ShardError):
+        return str(exc)[:1000]
+    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {last.filename}:{last.lineno}" if last else ""
+    return f"{type(exc).__name__}: {exc}{where}"[:1000]
