@@ -1,13 +1,16 @@
-"""Throughput of the rule stages: vlcurate on Ray versus a single-process loop over the same shards.
+"""Throughput of the rule stages against the two-core floor, for small and large shards, and linearity.
 
-    .venv/bin/python bench/throughput.py [--samples 20000] [--scales 1 4]
+    .venv/bin/python bench/throughput.py [--samples 100000] [--per-shard 250 10000] [--scales 1 4]
 
-The real Flickr8k samples of ../shared/data are replicated (keys made unique) into shards of ``--per-shard``
-samples, to the requested number of samples.
-For each scale it prints samples/s, CPU-seconds per 1000 samples and peak resident memory of the whole process
-tree (driver, Ray's daemons and workers), beside the baseline measured in the same run: one Python process that
-reads the same tars with tarfile (``pipeline.shards.read_shard``), applies the same stages and writes the same
-outputs, shard after shard, with no Ray.
+Real Flickr8k samples from ../shared/data are replicated (keys made unique) into shards of each ``--per-shard``
+size. Measured in the same run, back to back:
+
+* the floor: one process per core that only reads the same tars (standard library ``tarfile``, streaming) and
+  parses each image header (PIL's lazy open), times two cores; and the same with vlcurate's own tar reader and
+  header parser;
+* vlcurate on Ray (this process as driver, Ray started once and warmed up on a small run, not counted): samples/s
+  in steady state, its ratio to the floor, machine memory in use above idle and the largest Ray worker's peak
+  RSS, and for ``--scales`` the same corpus replicated 1x and 4x (linearity).
 """
 
 from __future__ import annotations
@@ -19,152 +22,128 @@ import shutil
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import MIB, MachineMonitor  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.curate import READ_STAGE, annotate_shard, finish_shard  # noqa: E402
-from pipeline.outputs import OutputDir, write_shard_outputs  # noqa: E402
 from pipeline.run import init_ray, run_curation  # noqa: E402
-from pipeline.shards import expand_inputs, read_shard  # noqa: E402
+from pipeline.shards import iter_sample_batches  # noqa: E402
+from stages.image_header import read_header  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 
 
-class TreeMonitor:
-    """CPU seconds and peak RSS of this process and all its descendants, sampled every 50 ms."""
-
-    def __init__(self):
-        self.root = psutil.Process()
-        self.peak_rss = 0
-        self._cpu: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _processes(self):
-        processes = [self.root]
-        try:
-            processes += self.root.children(recursive=True)
-        except psutil.Error:
-            pass
-        return processes
-
-    def _sample(self):
-        while not self._stop.is_set():
-            rss = 0
-            for process in self._processes():
-                try:
-                    times = process.cpu_times()
-                    self._cpu[process.pid] = times.user + times.system
-                    rss += process.memory_info().rss
-                except psutil.Error:
-                    continue
-            self.peak_rss = max(self.peak_rss, rss)
-            self._stop.wait(0.05)
-
-    def __enter__(self):
-        self._start_cpu = {p.pid: sum(p.cpu_times()[:2]) for p in self._processes()}
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    @property
-    def cpu_seconds(self) -> float:
-        return sum(cpu - self._start_cpu.get(pid, 0.0) for pid, cpu in self._cpu.items())
-
-
 def replicate(folder: Path, samples: int, per_shard: int) -> Path:
     """Shards of ``per_shard`` real Flickr8k samples each (keys made unique), ``samples`` in all."""
+    if folder.is_dir():
+        return folder
     members = []
     for source in sorted(FLICKR.glob("*.tar")):
         with tarfile.open(source) as archive:
             members += [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
-    folder.mkdir(parents=True, exist_ok=True)
-    position, written = 0, 0
-    for index in range(-(-samples // per_shard)):
-        with tarfile.open(folder / f"bench-{index:05d}.tar", "w") as archive:
-            keys = set()
-            while len(keys) < min(per_shard, samples - written) or (position % 3):
-                name, data = members[position % len(members)]
-                key = f"{position // len(members):04d}-{name}"
-                keys.add(key.split(".", 1)[0])
-                info = tarfile.TarInfo(key)
-                info.size = len(data)
-                archive.addfile(info, io.BytesIO(data))
-                position += 1
-        written += len(keys)
+    folder.mkdir(parents=True)
+    per_copy = len({name.split(".", 1)[0] for name, _ in members})
+    written = 0
+    shard = None
+    for copy in range(-(-samples // per_copy)):
+        for name, data in members:
+            key, _, suffix = name.partition(".")
+            if suffix == "jpg":
+                if written == samples:
+                    break
+                if written % per_shard == 0:
+                    if shard is not None:
+                        shard.close()
+                    shard = tarfile.open(folder / f"bench-{written // per_shard:05d}.tar", "w")
+                written += 1
+            info = tarfile.TarInfo(f"c{copy:04d}-{key}.{suffix}")
+            info.size = len(data)
+            shard.addfile(info, io.BytesIO(data))
+    shard.close()
     return folder
 
 
-def baseline_stages(config):
-    """Build the stages and run them once on a shard, so that the timed loop excludes one-off start-up
-    (importing torch for the CLIP tokenizer, loading fastText), as the Ray warm-up run does for Ray."""
-    stages = [spec.build() for spec in config.enabled_stages]
-    table = read_shard(str(sorted(FLICKR.glob("*.tar"))[0]))
-    for position, stage in enumerate(stages):
-        table = annotate_shard(table, stage, stages[:position])
-    return stages
+def floor_stdlib(folder: Path) -> float:
+    """One process: tarfile streaming + PIL header of every image; samples/s."""
+    samples, started = 0, time.perf_counter()
+    for path in sorted(folder.glob("*.tar")):
+        with tarfile.open(path, mode="r|") as archive:
+            for member in archive:
+                data = archive.extractfile(member).read()
+                if member.name.endswith(".jpg"):
+                    with Image.open(io.BytesIO(data)) as image:
+                        image.size
+                    samples += 1
+    return samples / (time.perf_counter() - started)
 
 
-def baseline(stages, config, inputs: Path, out_root: Path) -> int:
-    names = [READ_STAGE, *(s.name for s in stages)]
-    out = OutputDir(out_root)
-    out.create()
-    total = 0
-    for shard in expand_inputs([str(inputs)]):
-        table = read_shard(shard.url)
-        for position, stage in enumerate(stages):
-            table = annotate_shard(table, stage, stages[:position])
-        table = finish_shard(table, stages)
-        total += write_shard_outputs(out, shard.stem, shard.url, table, names, "bench", config.name)["total"]
-    return total
-
-
-def row(name, samples, seconds, monitor):
-    rate = samples / seconds
-    cpu = monitor.cpu_seconds / samples * 1000
-    print(f"{name:<34}{samples:>8}{seconds:>9.1f}{rate:>11.0f}{cpu:>14.2f}{monitor.peak_rss / 2**20:>12.0f}")
+def floor_vlcurate(folder: Path) -> float:
+    """One process: vlcurate's batch reader + header parser; samples/s."""
+    samples, started = 0, time.perf_counter()
+    for path in sorted(folder.glob("*.tar")):
+        for batch in iter_sample_batches(str(path)):
+            for data in batch.column("image").to_pylist():
+                read_header(data)
+            samples += batch.num_rows
+    return samples / (time.perf_counter() - started)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--samples", type=int, default=20_000)
-    parser.add_argument("--scales", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (img2dataset: 10000)")
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--per-shard", type=int, nargs="+", default=[250, 10_000])
+    parser.add_argument("--scales", type=int, nargs="*", default=[1, 4], help="linearity check, first shard size")
     parser.add_argument("--config", default=str(ROOT / "configs" / "qwen-vl-rules.yaml"))
+    parser.add_argument("--work", default=None, help="folder for the corpora (default: a temporary one)")
     args = parser.parse_args()
     if not FLICKR.is_dir():
         sys.exit(f"{FLICKR} not found: the benchmark replicates the real Flickr8k shards")
     config = load_config(args.config)
-    work = Path(tempfile.mkdtemp(prefix="vlcurate-bench-"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="vlcurate-bench-"))
+    cores = os.cpu_count()
     try:
-        print(f"rule stages of {Path(args.config).name} on {os.cpu_count()} CPU cores")
-        print(f"{'run':<34}{'samples':>8}{'wall s':>9}{'samples/s':>11}{'CPU s/1000':>14}{'peak MiB':>12}")
-        small = replicate(work / "in-small", min(args.samples, 4_000), args.per_shard)
-        stages = baseline_stages(config)
-        with TreeMonitor() as monitor:
-            started = time.perf_counter()
-            n = baseline(stages, config, small, work / "out-baseline")
-            row("baseline: one process, no Ray", n, time.perf_counter() - started, monitor)
+        corpora = {n: replicate(work / f"in-{n}", args.samples, n) for n in args.per_shard}
+        first = corpora[args.per_shard[0]]
+        floor_stdlib(first)  # page cache warm
+        stdlib = cores * floor_stdlib(first)
+        fast = cores * floor_vlcurate(first)
+        print(f"rule stages of {Path(args.config).name}, {args.samples} real Flickr8k samples, {cores} CPU cores")
+        print(f"floor ({cores} x one process: tarfile + PIL header):        {stdlib:>9.0f} samples/s")
+        print(f"floor ({cores} x one process: vlcurate reader + header parser): {fast:>9.0f} samples/s")
+
+        started = time.perf_counter()
         init_ray()
-        warm = run_curation(config, [str(small)], str(work / "out-warmup"), progress=False)
-        print(f"{'(Ray warm-up run: ' + str(warm.samples_processed) + ' samples, not counted)':<34}")
+        print(f"Ray start-up: {time.perf_counter() - started:.1f} s")
+        warm = replicate(work / "in-warm", 2_000, 250)
+        run_curation(config, [str(warm)], str(work / "out-warm"), progress=False)
+
+        print(f"\n{'run':<28}{'samples':>9}{'wall s':>8}{'samples/s':>11}{'/floor':>8}{'/fast floor':>12}"
+              f"{'mem above idle MiB':>20}{'largest worker MiB':>20}")
+        runs = [(f"{n}-sample shards", corpora[n]) for n in args.per_shard]
         for scale in args.scales:
-            inputs = replicate(work / f"in-{scale}x", args.samples * scale, args.per_shard)
-            with TreeMonitor() as monitor:
-                result = run_curation(config, [str(inputs)], str(work / f"out-{scale}x"), progress=False)
-            row(f"vlcurate on Ray, {scale}x", result.samples_processed, result.seconds, monitor)
+            if scale != 1:
+                runs.append((f"{scale}x, {args.per_shard[0]}-sample shards",
+                             replicate(work / f"in-{args.per_shard[0]}-{scale}x", args.samples * scale,
+                                       args.per_shard[0])))
+        for name, corpus in runs:
+            out = work / f"out-{corpus.name}"
+            shutil.rmtree(out, ignore_errors=True)
+            with MachineMonitor() as monitor:
+                result = run_curation(config, [str(corpus)], str(out), progress=False)
+            rate = result.samples_processed / result.seconds
+            print(f"{name:<28}{result.samples_processed:>9}{result.seconds:>8.1f}{rate:>11.0f}{rate / stdlib:>8.2f}"
+                  f"{rate / fast:>12.2f}{monitor.above_idle / MIB:>20.0f}{monitor.largest_worker / MIB:>20.0f}")
+            shutil.rmtree(out, ignore_errors=True)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

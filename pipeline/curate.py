@@ -41,15 +41,22 @@ def annotate_batch(table: pa.Table, stage: Stage, earlier: list[Stage]) -> tuple
     values, failures = _annotate_isolating_failures(stage, table, targets)
 
     n = table.num_rows
+    every_row = values["index"] == list(range(n))
     for name, dtype in {**stage.columns, **stage.transient_columns}.items():
-        column: list = [None] * n
-        for i, value in zip(values["index"], values.get(name, [])):
-            column[i] = value
+        if every_row:
+            column = values[name]
+        else:
+            column = [None] * n
+            for i, value in zip(values["index"], values.get(name, [])):
+                column[i] = value
         table = _set_column(table, name, pa.array(column, type=dtype))
     if stage.rewrites_caption:
-        captions = table.column("caption").to_pylist()
-        for i, value in zip(values["index"], values["caption"]):
-            captions[i] = value
+        if every_row:
+            captions = values["caption"]
+        else:
+            captions = table.column("caption").to_pylist()
+            for i, value in zip(values["index"], values["caption"]):
+                captions[i] = value
         table = _set_column(table, "caption", pa.array(captions, type=pa.string()))
     if failures:
         error_stage = table.column("error_stage").to_pylist() if "error_stage" in table.column_names else [None] * n
@@ -151,6 +158,9 @@ def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] 
     """Per sample, the captions to write if kept: a stage with a caption policy (CapFilt) may replace the
     caption or add extra pairs; otherwise the cleaned caption. Null for dropped samples."""
     deciders = [s for s in stages if type(s).output_captions is not Stage.output_captions]
+    if not deciders:  # the cleaned caption of every kept sample
+        return [[caption] if reason is None else None
+                for caption, reason in zip(frame["caption"].to_list(), frame["drop_reason"].to_list())]
     results: list[list[str] | None] = []
     for row in frame.to_dicts():
         if row["drop_reason"] is not None:

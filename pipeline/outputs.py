@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 TMP_MARK = ".tmp-"
@@ -220,7 +221,7 @@ def build_shard_tar(table: pa.Table, source: str) -> bytes:
 
 
 def manifest_table(table: pa.Table, source: str) -> pa.Table:
-    sizes = pa.array([len(b) if b is not None else None for b in table.column("image").to_pylist()], pa.int64())
+    sizes = pc.binary_length(table.column("image")).cast(pa.int64())
     manifest = table.drop_columns([c for c in MANIFEST_EXCLUDED if c in table.column_names])
     manifest = manifest.add_column(1, "shard", pa.array([source] * table.num_rows, pa.string()))
     return manifest.append_column("image_bytes", sizes)
@@ -305,51 +306,87 @@ def parts_cover(parts: list[PartInfo], total: int) -> bool:
     return expected == total
 
 
+class ShardWriter:
+    """Writes one shard's outputs in position order, a run of samples at a time: tar members stream into the
+    shard's temporary file, manifest rows (small: no image bytes) are kept until ``commit`` writes the manifest,
+    the completion record last, and renames everything into place."""
+
+    def __init__(self, out: OutputDir, stem: str, source: str):
+        self.out, self.stem, self.source = out, stem, source
+        path = out.shard_path(stem)
+        self.tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+        self.file = open(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
+        self.tar_bytes = 0
+        self.manifests: list[pa.Table] = []
+        self.timings: list[dict] = []
+
+    def add(self, table: pa.Table, timing: dict[str, dict]) -> None:
+        """A run of judged samples, in position order after the ones added before."""
+        fragment = tar_fragment(table, self.source)
+        self.file.write(fragment)
+        self.tar_bytes += len(fragment)
+        self.manifests.append(manifest_table(table, self.source))
+        self.timings.append(timing)
+
+    def add_part(self, folder: Path, part: "PartInfo") -> None:
+        """A part written by another worker (model stages), in position order."""
+        with open(folder / f"{_part_name(part.first)}.tar", "rb") as fragment:
+            shutil.copyfileobj(fragment, self.file, 8 * 2**20)
+        self.tar_bytes += part.tar_bytes
+        with pa.memory_map(str(folder / f"{_part_name(part.first)}.arrow")) as source_file:
+            self.manifests.append(pa.ipc.open_file(source_file).read_all())
+        self.timings.append(part.timing)
+
+    def commit(self, stage_names: list[str], fingerprint: str, config_name: str) -> dict[str, Any]:
+        try:
+            self.file.write(tar_trailer(self.tar_bytes))
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.out.shard_path(self.stem))
+            manifest = (pa.concat_tables(self.manifests, promote_options="permissive") if self.manifests
+                        else empty_manifest())
+            atomic_write_bytes(self.out.manifest_path(self.stem), manifest_bytes(manifest))
+            record = {
+                "stem": self.stem,
+                "source": self.source,
+                "fingerprint": fingerprint,
+                "config": config_name,
+                **shard_stats(manifest.column("drop_reason").to_pylist(), stage_names),
+                "timing": sum_timing(self.timings),
+            }
+            self.out.failed_path(self.stem).unlink(missing_ok=True)
+            atomic_write_json(self.out.done_path(self.stem), record)
+            return record
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        """Drop what was written (after a commit, only the already-renamed temporary name is gone)."""
+        if not self.file.closed:
+            self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def commit_shard(out: OutputDir, stem: str, source: str, parts: list[PartInfo], total: int, stage_names: list[str],
                  fingerprint: str, config_name: str) -> dict[str, Any]:
-    """Join a shard's parts into its output tar and manifest, then write the completion record, then remove the
-    parts. The caller has checked that the parts cover every sample of the shard."""
+    """Join a shard's parts (written by several workers) into its outputs, then remove the parts. The caller has
+    checked that the parts cover every sample of the shard."""
     parts = sorted(parts, key=lambda p: p.first)
     if not parts_cover(parts, total):
         raise RuntimeError(f"the parts of {stem} do not cover its {total} samples exactly")
-    folder = out.parts_dir(stem)
-    fragment_bytes = sum(p.tar_bytes for p in parts)
-    shard_path = out.shard_path(stem)
-    tmp = shard_path.with_name(f"{shard_path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
+    writer = ShardWriter(out, stem, source)
     try:
-        with open(tmp, "wb") as target:
-            for part in parts:
-                with open(folder / f"{_part_name(part.first)}.tar", "rb") as fragment:
-                    shutil.copyfileobj(fragment, target, 8 * 2**20)
-            target.write(tar_trailer(fragment_bytes))
-            target.flush()
-            os.fsync(target.fileno())
-        os.replace(tmp, shard_path)
+        for part in parts:
+            writer.add_part(out.parts_dir(stem), part)
+        record = writer.commit(stage_names, fingerprint, config_name)
     finally:
-        tmp.unlink(missing_ok=True)
-    manifests = []
-    for part in parts:
-        with pa.memory_map(str(folder / f"{_part_name(part.first)}.arrow")) as source_file:
-            manifests.append(pa.ipc.open_file(source_file).read_all())
-    manifest = pa.concat_tables(manifests, promote_options="permissive") if manifests else None
-    if manifest is None:
-        manifest = empty_manifest(source)
-    atomic_write_bytes(out.manifest_path(stem), manifest_bytes(manifest))
-    record = {
-        "stem": stem,
-        "source": source,
-        "fingerprint": fingerprint,
-        "config": config_name,
-        **shard_stats(manifest.column("drop_reason").to_pylist(), stage_names),
-        "timing": sum_timing(p.timing for p in parts),
-    }
-    out.failed_path(stem).unlink(missing_ok=True)
-    atomic_write_json(out.done_path(stem), record)
+        writer.abort()
     out.clear_parts(stem)
     return record
 
 
-def empty_manifest(source: str) -> pa.Table:
+def empty_manifest() -> pa.Table:
     """The manifest of a shard without samples."""
     return pa.table({"key": pa.array([], pa.string()), "shard": pa.array([], pa.string()),
                      "position": pa.array([], pa.int32()), "kept": pa.array([], pa.bool_()),

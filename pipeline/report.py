@@ -45,12 +45,14 @@ def _data_uri(png: bytes) -> str:
 
 
 def _thumbnail(data: bytes | None) -> str | None:
-    from PIL import Image
+    """A PNG data URI of a small thumbnail, or None for a missing, undecodable or too large image (the header's
+    width x height is checked before any pixel is decoded: shard bytes are untrusted)."""
+    from models.imaging import open_bounded
 
     if not data:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_bounded(data) as image:
             image.draft("RGB", (THUMBNAIL, THUMBNAIL))
             image = image.convert("RGB")
             image.thumbnail((THUMBNAIL, THUMBNAIL))

@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import stat
+import zlib
 from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
@@ -166,7 +167,7 @@ def unsafe_key_reason(key: str) -> str | None:
         return "absolute path"
     if any(part in ("", ".", "..") for part in key.split("/")):
         return "'.', '..' or empty path component"
-    if any(ord(ch) < 32 or ord(ch) == 127 or ch == "\\" for ch in key):
+    if not key.isprintable() or "\\" in key:
         return "control character or backslash"
     return None
 
@@ -188,9 +189,16 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
+def _byte_sum(data: bytes) -> int:
+    """The sum of the bytes of ``data`` (at most 256 bytes): adler32's low half is 1 + that sum modulo 65521,
+    and 256 bytes sum to at most 65280, so it is exact; far faster than ``sum()`` over Python ints."""
+    return (zlib.adler32(data) & 0xFFFF) - 1
+
+
 def _checksum_ok(header: bytes) -> bool:
     stored = _octal(header[148:156])
-    computed = sum(header[:148]) + 256 + sum(header[156:])  # the checksum field counts as eight spaces
+    # The checksum field itself counts as eight spaces.
+    computed = _byte_sum(header[:148]) + 256 + _byte_sum(header[156:356]) + _byte_sum(header[356:])
     return stored == computed
 
 

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import StageSpec
 from pipeline.curate import annotate_batch, finish_batch, verdicts
-from pipeline.outputs import OutputDir, PartInfo, commit_shard, read_carry, write_carry, write_part
+from pipeline.outputs import OutputDir, PartInfo, ShardWriter, read_carry, write_carry, write_part
 from pipeline.shards import ReadParams, ShardError, iter_sample_batches
 from stages import Stage
 from stages.image_decode import PIXELS
@@ -153,19 +153,18 @@ def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
     Yields one summary (the completion record's counts, or the shard's error)."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
-    parts: list[PartInfo] = []
-    total = 0
+    writer = None
     try:
         out.clear_parts(stem)
+        writer = ShardWriter(out, stem, source)
         timer = StageTimer()
         for batch in read_batches(source, ctx.read, timer):
             batch = run_stages(batch, stages, ctx.plan.source, timer)
-            parts.append(write_part(out, stem, source, finish_batch(batch, stages), timer.take()))
-            total += batch.num_rows
-        record = commit_shard(out, stem, source, parts, total, stage_names(stages), ctx.fingerprint,
-                              ctx.config_name)
+            writer.add(finish_batch(batch, stages), timer.take())
+        record = writer.commit(stage_names(stages), ctx.fingerprint, ctx.config_name)
     except Exception as exc:  # noqa: BLE001 - a bad shard fails alone, with its reason
-        out.clear_parts(stem)
+        if writer is not None:
+            writer.abort()
         yield shard_summary(stem, source, error=describe(exc))
         return
     yield shard_summary(stem, source, total=record["total"], kept=record["kept"], committed=True)
