@@ -8,7 +8,6 @@ as ``capfilt``'s ``captioner``/``filter`` directories, closing BLIP's bootstrapp
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import shutil
@@ -21,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.imaging import open_bounded
 from models.training import TrainTask, raw_columns, read_samples, register
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -28,7 +28,8 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def open_image(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
+    """Training images come from shards, which are untrusted: refused before decoding when too large."""
+    with open_bounded(data) as image:
         return image.convert("RGB")
 
 
@@ -179,7 +180,7 @@ class _BlipTask(TrainTask):
             return
         from tokenizers import BertWordPieceTokenizer
 
-        captions = [c.decode("utf-8") for c in read_samples(train_shards)["txt"]]
+        captions = [c.decode("utf-8", "replace") for c in read_samples(train_shards)["txt"]]
         wordpiece = BertWordPieceTokenizer(lowercase=True)
         wordpiece.train_from_iterator([self.settings.prompt, *captions], vocab_size=self.settings.vocab_size,
                                       special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"])

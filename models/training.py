@@ -122,15 +122,22 @@ def split_shards(data: str, eval_shards: int) -> tuple[list[str], list[str]]:
     return shards[:cut], shards[cut:]
 
 
+# Members larger than this are skipped unread (the shard reader's default image limit).
+MAX_MEMBER_BYTES = 32 * 2**20
+
+
 def read_samples(shards: list[str]) -> dict[str, list]:
-    """Every sample of some (small, held-out) shards, in the layout ``preprocess`` reads."""
+    """Every sample of some (small, held-out) shards, in the layout ``preprocess`` reads. Shards are untrusted:
+    plain (uncompressed) tar only, and members that are not regular files or are too large are skipped."""
     import tarfile
 
     columns: dict[str, list] = {"jpg": [], "txt": []}
     for shard in shards:
         current: dict[str, bytes] = {}
-        with tarfile.open(shard) as archive:
+        with tarfile.open(shard, mode="r:") as archive:
             for member in archive:
+                if not member.isfile() or member.size > MAX_MEMBER_BYTES:
+                    continue
                 key, _, suffix = member.name.partition(".")
                 if current and current.get("__key__") != key:
                     _flush(current, columns)
@@ -164,6 +171,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+STATE_FILE = "state.pt"
+
+
+def load_state(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint's training state (model, optimizer, scheduler, task extras, step). Tensors, containers and
+    plain values only (``weights_only``): loading a checkpoint never runs code, whoever wrote the file."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
@@ -191,7 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", map_location=device, weights_only=False)
+            state = load_state(Path(directory) / STATE_FILE, device)
         inner.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -269,7 +285,7 @@ def _report(metrics, task, inner, optimizer, scheduler, step, rank, train, metri
         with tempfile.TemporaryDirectory() as directory:
             torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "extra": task.extra_state(), "step": step},
-                       Path(directory) / "state.pt")
+                       Path(directory) / STATE_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
     else:
         ray.train.report(metrics)  # a barrier: every worker reports equally often
@@ -279,7 +295,8 @@ def _eval_batches(task: TrainTask, config: dict, device) -> list[dict[str, torch
     shards = config.get("eval_shards") or []
     if not shards:
         return []
-    prepared = task.preprocess({k: np.array(v, dtype=object) for k, v in read_samples(shards).items()})
+    # Per-sample: an undecodable or too large held-out image is skipped, not the evaluation.
+    prepared = _preprocess({k: np.array(v, dtype=object) for k, v in read_samples(shards).items()}, task)
     size = task.train.batch_size
     total = len(next(iter(prepared.values())))
     return [{k: torch.as_tensor(v[i:i + size]).to(device) for k, v in prepared.items()} for i in range(0, total, size)]

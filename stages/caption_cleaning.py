@@ -1,4 +1,10 @@
-"""Stages that rewrite the caption: HTML removal and irregular-pattern removal (Qwen-VL's cleaning rules)."""
+"""Stages that rewrite the caption: HTML removal and irregular-pattern removal (Qwen-VL's cleaning rules).
+
+Captions are untrusted (up to 16 KB each): every pattern here runs in time linear in the caption. A pattern that
+could scan a long run of characters from each of its positions (Python's ``re`` backtracks) only starts where
+such a run starts (a negative lookbehind), and runs are consumed possessively; the HTML parser, whose work is
+quadratic in the nesting depth and in the attributes of a tag, only sees captions with few and short tags.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,43 @@ import html
 import re
 from typing import Callable
 
+import polars as pl
 import pyarrow as pa
 from selectolax.lexbor import LexborHTMLParser
 
-from stages.base import SampleBatch, Stage, StageParams
+from stages.base import SampleBatch, Stage, StageParams, first_reason
 
 _WHITESPACE = re.compile(r"\s+")
 _LOOKS_LIKE_TAG = re.compile(r"<\s*/?\s*[a-zA-Z!][^<>]*>")
+# What an HTML parser reads as the start of a tag, closed or not ("<img src=x onerror=..." at the end of a caption).
+_TAG_OPEN = re.compile(r"<[a-zA-Z!/?]")
 _ENTITY = re.compile(r"&(#\d+|#[xX][0-9a-fA-F]+|[a-zA-Z][a-zA-Z0-9]{1,31});")
+# html.unescape converts numeric references with int(), which refuses more than 4,300 digits (ValueError) and is
+# slow long before; a reference with this many digits is not a character anyway (U+10FFFF is &#1114111;).
+_LONG_NUMERIC_REFERENCE = re.compile(r"&#(?:[xX][0-9a-fA-F]{16,}|[0-9]{16,});?")
+# Alt-text has a few short tags. The parser's work grows with the square of the nesting depth and of the number
+# of attributes of one tag, so a caption with more tags, or a longer tag, than this is not parsed (it is dropped).
+MAX_TAGS = 256
+MAX_TAG_CHARS = 2048
+_LONG_TAG = re.compile(r"<[a-zA-Z!/?][^<>]{%d}" % MAX_TAG_CHARS)
 
 
 def normalise_whitespace(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
+
+
+def unescape(text: str) -> str:
+    """``html.unescape`` that cannot raise or stall on absurdly long numeric references."""
+    return html.unescape(_LONG_NUMERIC_REFERENCE.sub("\ufffd", text))
+
+
+def has_markup(text: str) -> bool:
+    """Whether the text holds what an HTML parser reads as a tag, or a character reference that decodes to
+    something: escaped markup becomes markup again for whoever unescapes the caption once more."""
+    if _TAG_OPEN.search(text):
+        return True
+    decoded = unescape(text)
+    return bool(_TAG_OPEN.search(decoded)) or (decoded != text and _ENTITY.search(text) is not None)
 
 
 @dataclasses.dataclass
@@ -28,24 +59,36 @@ class HtmlParams(StageParams):
 
 
 class HtmlStage(Stage):
-    """Remove HTML from captions: tags stripped, script/style content dropped, entities unescaped."""
+    """Remove HTML from captions: tags stripped, script/style content dropped, entities unescaped.
+
+    A caption that still holds markup after ``max_unescape_rounds`` rounds (escaped more deeply than that), or
+    more than ``MAX_TAGS`` tags or a tag longer than ``MAX_TAG_CHARS``, is dropped (``html:markup_left``): no kept
+    caption contains markup.
+    """
 
     name = "html"
     Params = HtmlParams
-    columns = {"html_changed": pa.bool_()}
+    columns = {"html_changed": pa.bool_(), "html_markup_left": pa.bool_()}
     rewrites_caption = True
 
-    def clean(self, text: str) -> str:
-        # Escaped HTML ("&lt;i&gt;") turns into tags once unescaped: alternate until nothing changes.
-        for _ in range(self.params.max_unescape_rounds):
+    def clean(self, text: str) -> tuple[str, bool]:
+        """The cleaned caption, and whether markup is left in it that the bounded cleaning could not remove."""
+        rounds = self.params.max_unescape_rounds
+        # Escaped HTML ("&lt;i&gt;") turns into tags once unescaped, and the text of raw-text elements
+        # (<textarea>, <xmp>, ...) is markup again: strip and unescape in turn until nothing changes, stripping
+        # once more after the last unescaping round.
+        for done in range(rounds + 1):
             before = text
-            if _LOOKS_LIKE_TAG.search(text):
+            if _TAG_OPEN.search(text) or _LOOKS_LIKE_TAG.search(text):
+                if text.count("<") > MAX_TAGS or _LONG_TAG.search(text):
+                    return normalise_whitespace(text), True
                 text = self.strip_tags(text)
-            if _ENTITY.search(text):
-                text = html.unescape(text)
+            if done < rounds and _ENTITY.search(text):
+                text = unescape(text)
             if text == before:
                 break
-        return normalise_whitespace(text)
+        text = normalise_whitespace(text)
+        return text, has_markup(text)
 
     def strip_tags(self, text: str) -> str:
         tree = LexborHTMLParser(text)
@@ -55,28 +98,38 @@ class HtmlStage(Stage):
         return root.text(separator=" ") if root is not None else ""
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
-        cleaned = [self.clean(c) for c in batch.captions]
-        return {"caption": cleaned, "html_changed": [a != b for a, b in zip(cleaned, batch.captions)]}
+        results = [self.clean(c) for c in batch.captions]
+        cleaned = [r[0] for r in results]
+        return {"caption": cleaned, "html_changed": [a != b for a, b in zip(cleaned, batch.captions)],
+                "html_markup_left": [r[1] for r in results]}
+
+    def reject_reason(self) -> pl.Expr:
+        return first_reason((pl.col("html_markup_left"), "markup_left"))
 
 
 def _strip_filename(match: re.Match) -> str:
     """Slug-like names ("IMG_1234.JPG", "dark-knight-v2.jpg") go entirely; a plain word keeps its text
-    ("look east.JPG" -> "look east")."""
-    stem = match.group(1)
+    ("look east.JPG" -> "look east"). Hyphens before the name are not part of it and stay."""
+    lead, stem = match.group("lead") or "", match.group("stem")
     if stem is None or re.search(r"[\d_-]", stem):
-        return " "
-    return stem
+        return lead + " "
+    return lead + stem
 
 
 # Named rules: pattern and replacement. Order matters (URLs before file names, e-mails before handles).
+# Linear time on any caption: a pattern whose first part is an unbounded run (the local part of an e-mail, the
+# stem of a file name) only starts where such a run starts ("(?<![...])"), so that a 16 KB run without a match
+# is scanned once, not once from every character of it; where the run starts with punctuation, the match
+# starts at its first word character as before (the punctuation is captured and put back).
 PATTERN_RULES: dict[str, tuple[str, str | Callable[[re.Match], str]]] = {
     "control_chars": (r"[\u0000-\u0008\u000b\u000c\u000e-\u001f\u007f-\u009f]", " "),
     "zero_width": (r"[\u200b-\u200d\u2060\ufeff\u00ad]", ""),
     "url": (r"(?i)\b(?:https?://|ftp://|www\.)\S+", " "),
-    "email": (r"(?i)\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b", " "),
+    "email": (r"(?i)(?<![\w.+-])([.+-]*+)\w[\w.+-]*+@[\w-]+(?:\.[\w-]+)+\b", r"\1 "),
     "filename": (
-        r"(?i)\b(?:([\w-]+)\.(?:jpe?g|png|gif|webp|bmp|tiff?|heic|raw|cr2|nef|mp4|mov|avi|pdf)"
-        r"|(?:img|dsc|dscn|dscf|pxl|mvimg|vid|gopr)[_-]?\d{3,}(?:[_-]\d+)*)\b",
+        r"(?i)(?<![\w-])(?P<lead>-*+)(?P<stem>\w[\w-]*+)\."
+        r"(?:jpe?g|png|gif|webp|bmp|tiff?|heic|raw|cr2|nef|mp4|mov|avi|pdf)\b"
+        r"|\b(?:img|dsc|dscn|dscf|pxl|mvimg|vid|gopr)[_-]?\d{3,}(?:[_-]\d+)*\b",
         _strip_filename,
     ),
     "handle": (r"(?<![\w@])@[A-Za-z0-9_](?:[A-Za-z0-9_.]*[A-Za-z0-9_])?", " "),
@@ -106,7 +159,8 @@ class PatternsParams(StageParams):
     extra: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-_EDGE_SEPARATORS = re.compile(r"^[\s|:;,\-–—/•·]+|[\s|:;,\-–—/•·]+$")
+# The trailing run is only tried where a run of separators starts (linear on "a - - - ... - a").
+_EDGE_SEPARATORS = re.compile(r"^[\s|:;,\-–—/•·]+|(?<![\s|:;,\-–—/•·])[\s|:;,\-–—/•·]+$")
 
 
 class PatternsStage(Stage):
@@ -131,8 +185,9 @@ class PatternsStage(Stage):
         ]
         if params.boilerplate:
             phrases = sorted((re.escape(p) for p in params.boilerplate), key=len, reverse=True)
-            # Remove the phrase together with a separator that attaches it ("Red car - Stock Photo").
-            pattern = r"(?i)(?:\s*[|:\-–—]\s*)?\b(?:" + "|".join(phrases) + r")(?!\w)"
+            # Remove the phrase together with a separator that attaches it ("Red car - Stock Photo"); the
+            # separator's leading spaces are only tried from the start of a run of spaces (linear time).
+            pattern = r"(?i)(?:(?<!\s)\s*[|:\-–—]\s*)?\b(?:" + "|".join(phrases) + r")(?!\w)"
             self.compiled.append(("boilerplate", re.compile(pattern), " "))
         for name, regex in params.extra.items():
             self.compiled.append((name, re.compile(regex), " "))

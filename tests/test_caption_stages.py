@@ -5,6 +5,7 @@ import pytest
 
 from conftest import LAION_CAPTIONS, require
 from helpers import cleaned, curate, reasons
+from stages.caption_cleaning import has_markup
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +152,9 @@ def test_every_stage_runs_on_all_real_captions_without_errors(laion):
     by_reason = dict(zip(counts["reason"].to_list(), counts["count"].to_list()))
     # Real web alt-text: most is kept, and every filter finds something to drop.
     assert 0.6 < by_reason[None] / len(rows) < 0.95
+    # Its markup is all removed (none is escaped too deeply), and no kept caption holds any.
+    assert "html:markup_left" not in by_reason
+    assert not any(has_markup(r["caption"]) for r in rows if r["drop_reason"] is None)
     for reason in ("charset:non_english_chinese_chars", "language:not_allowed_language", "emoji:contains_emoji",
                    "length:too_short", "length:too_long"):
         assert by_reason.get(reason, 0) > 0, reason
