@@ -19,6 +19,7 @@ import glob as globlib
 import json
 import os
 import posixpath
+import re
 import stat
 import zlib
 from dataclasses import dataclass
@@ -169,7 +170,12 @@ def unsafe_key_reason(key: str) -> str | None:
         return "'.', '..' or empty path component"
     if not key.isprintable() or "\\" in key:
         return "control character or backslash"
+    if _RESERVED_KEY.search(key):
+        return "ends in _pairN, reserved for the extra pairs a caption policy writes"
     return None
+
+
+_RESERVED_KEY = re.compile(r"_pair[0-9]+$")
 
 
 # ---------------------------------------------------------------------------------------------------- tar format
