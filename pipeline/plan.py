@@ -51,9 +51,14 @@ def _cut(table: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
 class ModelActor:
     """One model stage in a Ray actor: the model loads once, in the constructor, and serves many batches."""
 
-    def __init__(self, ctx: RunContext, index: int):
+    def __init__(self, ctx: RunContext, index: int, cpus: float):
         self.ctx, self.index = ctx, index
-        ctx.stages()[index].load()
+        stage = ctx.stages()[index]
+        stage.load()
+        if stage.device == "cpu":  # as many torch threads as CPUs reserved, not one per core of the node
+            import torch
+
+            torch.set_num_threads(max(1, round(cpus)))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return run_model_stage(self.ctx, self.index, table)
@@ -101,7 +106,7 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
         params = ctx.specs[index].params
         dataset = dataset.map_batches(
             ModelActor,
-            fn_constructor_kwargs={"ctx": ctx, "index": index},
+            fn_constructor_kwargs={"ctx": ctx, "index": index, "cpus": cpus[index]},
             compute=ray.data.ActorPoolStrategy(size=params.pool_size),
             num_gpus=params.num_gpus if gpus_available else 0,
             num_cpus=cpus[index],

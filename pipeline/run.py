@@ -24,6 +24,7 @@ from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, aggregate_stats, at
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
 
 CONFIG_FILE = "config.yaml"
+OBJECT_STORE_SHARE = 0.1
 STATS_FILE = "stats.json"
 
 
@@ -60,6 +61,10 @@ def init_ray(address: str | None = None) -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar of its own, per shard
     context.print_on_execution_start = False
+    # Blocks waiting between steps (decoded pixels before a slow model pool) may use this share of the cluster's
+    # object store; beyond it Ray Data holds the producing step back. Ray's default (half) lets a fast source
+    # step park gigabytes of pixels in front of the model actors.
+    context.override_object_store_memory_limit_fraction = OBJECT_STORE_SHARE
 
 
 def prepare_output(output: str | Path) -> OutputDir:
@@ -71,9 +76,12 @@ def prepare_output(output: str | Path) -> OutputDir:
     if out.root.exists():
         if not out.root.is_dir():
             raise UsageError(f"output {out.root} exists and is not a directory: choose another --output")
-        if not (out.root / CONFIG_FILE).is_file() and any(out.root.iterdir()):
+        # Ours: a config.yaml and the _state folder (created before any config.yaml is written); a folder that
+        # merely holds some config.yaml is someone else's, and nothing in it may be created or removed.
+        is_output = (out.root / CONFIG_FILE).is_file() and out.state.is_dir() and not out.state.is_symlink()
+        if not is_output and any(out.root.iterdir()):
             raise UsageError(f"output directory {out.root} is not empty and holds no vlcurate output "
-                             f"(no {CONFIG_FILE}): choose a new or empty --output directory")
+                             f"(no {CONFIG_FILE} and {out.state.name}/): choose a new or empty --output directory")
     try:
         out.create()
         probe = out.root / f".vlcurate-write-test{TMP_MARK}{os.urandom(6).hex()}"

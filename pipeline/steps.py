@@ -172,22 +172,38 @@ def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
 
 def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
     """With model stages: read and annotate every batch with the CPU stages before the first model stage, carry
-    the full rows to the shard's parts folder, and yield the slim table the model actors need. The shard ends
-    with one more row that says how many samples it had, or why it could not be read to the end."""
+    the full rows to the shard's parts folder, and yield the slim tables the model actors need. The shard ends
+    with one more row that says how many samples it had, or why it could not be read to the end.
+
+    Stages that add decoded pixels run on slices of the batch whose pixels fit in ``read.batch_bytes``, so a
+    batch of large decodes never sits in memory whole."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
+    cheap, decoding = split_at_first_decoder(stages, ctx.plan.source)
+    pixel_bytes = max((stages[i].transient_bytes_per_sample() for i in decoding), default=0)
+    slice_rows = max(1, ctx.read.batch_bytes // pixel_bytes) if pixel_bytes else ctx.read.batch_samples
     total = 0
     try:
         out.clear_parts(stem)
         timer = StageTimer()
         for batch in read_batches(source, ctx.read, timer):
-            batch = run_stages(batch, stages, ctx.plan.source, timer)
-            yield slim_table(ctx, out, stem, source, batch, stages, timer.take())
+            batch = run_stages(batch, stages, cheap, timer)
+            for start in range(0, batch.num_rows, slice_rows):
+                piece = run_stages(batch.slice(start, slice_rows), stages, decoding, timer)
+                yield slim_table(ctx, out, stem, source, piece, stages, timer.take())
             total += batch.num_rows
     except Exception as exc:  # noqa: BLE001
         yield end_row(ctx, stem, source, error=describe(exc))
         return
     yield end_row(ctx, stem, source, total=total)
+
+
+def split_at_first_decoder(stages: list[Stage], positions: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Source stages before the first one that adds transient columns, and the rest."""
+    for k, index in enumerate(positions):
+        if stages[index].transient_bytes_per_sample():
+            return positions[:k], positions[k:]
+    return positions, ()
 
 
 def slim_table(ctx: RunContext, out: OutputDir, stem: str, source: str, batch: pa.Table, stages: list[Stage],

@@ -63,6 +63,9 @@ class DecodeStage(Stage):
     transient_columns = {PIXELS: pa.large_binary()}
     only_survivors = True
 
+    def transient_bytes_per_sample(self) -> int:
+        return 3 * self.params.size * self.params.size
+
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         pixels, errors = [], []
         for data in batch.images:

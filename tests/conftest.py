@@ -35,6 +35,15 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Tiny random CLIP and BLIP models, built once per test session and saved the ways real ones load."""
+    from models.tiny import TINY_CLIP, save_tiny_blip, save_tiny_clip
+
+    folder = tmp_path_factory.mktemp("tiny-models")
+    return {"clip": save_tiny_clip(folder / "clip"), "blip": save_tiny_blip(folder / "blip"), "clip_name": TINY_CLIP}
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
     """A shard with the given (name, bytes) members, in that order."""
     with tarfile.open(path, "w") as archive:

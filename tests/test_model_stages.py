@@ -16,13 +16,12 @@ from helpers import curate
 from pipeline.config import ConfigError, parse_config
 from pipeline.run import run_curation, select_thresholds
 from stages.image_decode import decode_square
-from models.tiny import TINY_CLIP, save_tiny_blip, save_tiny_clip
+from models.tiny import TINY_CLIP
 
 
 @pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-models")
-    return {"clip": save_tiny_clip(folder / "clip"), "blip": save_tiny_blip(folder / "blip")}
+def tiny(tiny_models):
+    return tiny_models
 
 
 def real_photos(shard, limit):

@@ -1,0 +1,129 @@
+"""Bounded batches: outputs do not depend on how samples are batched, parts are joined in position order, and
+the tar writer and reader agree with the standard library's."""
+
+import io
+import json
+import tarfile
+
+import polars as pl
+import pytest
+
+from conftest import FLICKR, ROOT, require, write_tar
+from pipeline.config import load_config, parse_config
+from pipeline.outputs import build_shard_tar, tar_member
+from pipeline.run import run_curation
+from pipeline.shards import ReadParams, iter_sample_batches, read_shard
+from pipeline.steps import StepPlan
+
+QWEN = ROOT / "configs" / "qwen-vl-rules.yaml"
+
+
+def outputs_of(out):
+    shards = {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.tar"))}
+    manifests = {p.name: p.read_bytes() for p in sorted((out / "manifests").glob("*.parquet"))}
+    return shards, manifests
+
+
+def test_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tmp_path):
+    shard = require(FLICKR / "flickr8k-00001.tar")
+    results = {}
+    for batch in (7, 100, 10_000):
+        out = tmp_path / f"out-{batch}"
+        result = run_curation(load_config(QWEN, [f"read.batch_samples={batch}"]), [str(shard)], str(out),
+                              progress=False)
+        assert not result.failed and result.stats["total"] == 250
+        results[batch] = outputs_of(out)
+        assert not (out / "_state" / "parts").exists()  # work in progress is gone once committed
+    assert results[7] == results[100] == results[10_000]
+    assert results[7][0]["flickr8k-00001.tar"]  # something was kept and compared
+
+
+def test_model_recipe_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tiny_models, tmp_path):
+    shard = require(FLICKR / "flickr8k-00002.tar")
+    raw = {"stages": [
+        {"stage": "html"}, {"stage": "image_size", "min_side": 100}, {"stage": "decode", "size": 32},
+        {"stage": "clip_score", "model": tiny_models["clip_name"], "pretrained": tiny_models["clip"]["checkpoint"],
+         "model_config": tiny_models["clip"]["model_config"], "num_gpus": 0, "batch_size": 5, "image_size": 32},
+        {"stage": "capfilt", "captioner": tiny_models["blip"]["captioner"], "filter": tiny_models["blip"]["filter"],
+         "num_gpus": 0, "batch_size": 3, "num_captions": 2, "max_length": 12, "image_size": 32,
+         "itm_threshold": 0.0},
+    ]}
+    results = {}
+    for batch in (7, 10_000):
+        out = tmp_path / f"out-{batch}"
+        result = run_curation(parse_config(raw, [f"read.batch_samples={batch}"]), [str(shard)], str(out),
+                              progress=False)
+        assert not result.failed
+        results[batch] = outputs_of(out)
+        timing = json.loads((out / "_state" / "flickr8k-00002.done.json").read_text())["timing"]
+        assert timing["capfilt"]["samples"] > 0 and timing["decode"]["samples"] == timing["capfilt"]["samples"]
+    assert results[7] == results[10_000]
+    manifest = pl.read_parquet(tmp_path / "out-7" / "manifests" / "flickr8k-00002.parquet")
+    assert manifest["position"].to_list() == list(range(250))
+    assert manifest["capfilt_synthetic"].drop_nulls().len() > 0
+
+
+def test_reader_batches_are_bounded_by_count_and_bytes():
+    shard = str(require(FLICKR / "flickr8k-00000.tar"))
+    whole = read_shard(shard)
+    by_count = list(iter_sample_batches(shard, ReadParams(batch_samples=64)))
+    assert [b.num_rows for b in by_count] == [64, 64, 64, 58]
+    by_bytes = list(iter_sample_batches(shard, ReadParams(batch_bytes=200_000)))
+    assert len(by_bytes) > 3
+    for batch in by_bytes[:-1]:  # a batch closes with the sample that reaches the bound
+        sizes = [len(i) for i in batch.column("image").to_pylist()]
+        assert sum(sizes[:-1]) < 200_000 <= sum(sizes) + 250_000
+    for batches in (by_count, by_bytes):
+        joined = [row for b in batches for row in b.to_pylist()]
+        assert joined == whole.to_pylist()  # same samples, same positions, in order
+
+
+def test_reader_agrees_with_tarfile_on_long_names_and_pax_headers(tmp_path):
+    long_key = "d" * 120 + "/" + "k" * 90  # needs a GNU or pax long name
+    path = tmp_path / "long.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as archive:
+        for name, data in ((f"{long_key}.jpg", b"\xff\xd8xx"), (f"{long_key}.txt", "a café".encode()),
+                           ("\u00e9t\u00e9.jpg", b"x"), ("\u00e9t\u00e9.txt", b"summer")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    rows = read_shard(str(path)).to_pylist()
+    assert [r["key"] for r in rows] == [long_key, "\u00e9t\u00e9"]
+    assert rows[0]["caption"] == "a café" and rows[1]["image"] == b"x"
+
+
+def test_tar_writer_output_reads_back_with_tarfile():
+    members = [("plain.jpg", b"\xff" * 1000), ("plain.txt", b"a caption"),
+               ("x" * 150 + ".json", b"{}"), ("caf\u00e9.txt", b"")]
+    data = b"".join(tar_member(name, payload) for name, payload in members)
+    with tarfile.open(fileobj=io.BytesIO(data + b"\0" * 1024)) as archive:
+        assert [(m.name, archive.extractfile(m).read()) for m in archive] == members
+    assert len(build_shard_tar(_empty_table(), "x")) % 10240 == 0
+
+
+def _empty_table():
+    import pyarrow as pa
+
+    return pa.table({"kept": pa.array([], pa.bool_()), "key": pa.array([], pa.string())})
+
+
+def test_cpu_stage_between_model_stages_is_a_config_error():
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError, match="between model stages"):
+        parse_config({"stages": [{"stage": "clip_score", "pretrained": "x.pt"}, {"stage": "length"},
+                                 {"stage": "capfilt"}]}, [])
+    plan = StepPlan.of(parse_config({"stages": [{"stage": "html"}, {"stage": "decode"},
+                                                {"stage": "clip_score", "pretrained": "x.pt"}]}, []).stages)
+    assert plan.source == (0, 1) and plan.models == (2,) and plan.sink == ()
+
+
+def test_empty_shard_completes_with_no_samples(ray_cluster, tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_tar(inputs / "empty.tar", [])
+    result = run_curation(load_config(QWEN), [str(inputs)], str(tmp_path / "out"), progress=False)
+    assert not result.failed and result.stats["total"] == 0 and result.stats["shards_completed"] == 1
+    assert pl.read_parquet(tmp_path / "out" / "manifests" / "empty.parquet").height == 0
+    with tarfile.open(tmp_path / "out" / "shards" / "empty.tar") as archive:
+        assert archive.getnames() == []
