@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--input", "-i", nargs="+", required=True,
                      help="shards: paths, directories, globs, brace ranges ('data/{00000..00009}.tar'), fsspec URLs")
     run.add_argument("--output", "-o", required=True, help="output directory")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
-                     help="override a recipe setting, e.g. --set length.min_words=3 (repeatable)")
+    run.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="STAGE.KEY=VALUE",
+                     help="override recipe settings, e.g. --set length.min_words=3 emoji.enabled=false (repeatable)")
     run.add_argument("--address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else local)")
     run.add_argument("--force", action="store_true", help="recompute every shard, even completed ones")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     select = commands.add_parser("select", help="re-apply new thresholds from the manifests, without recomputing")
     select.add_argument("output")
-    select.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+    select.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="STAGE.KEY=VALUE",
                         required=True)
     select.set_defaults(handler=cmd_select)
 
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="training recipe, e.g. configs/train-clip-tiny.yaml")
     train.add_argument("--data", required=True, help="curated shards (an output's shards/ folder, globs, ...)")
     train.add_argument("--output", "-o", required=True, help="training folder; rerunning resumes from it")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE")
+    train.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="train.KEY=VALUE")
     train.add_argument("--address", default=None)
     train.set_defaults(handler=cmd_train)
 

@@ -29,6 +29,7 @@ import shutil
 import stat
 import tarfile
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -163,12 +164,26 @@ def sample_json(metadata_json: str | None, results: dict[str, Any]) -> bytes:
         except (ValueError, RecursionError):  # the reader drops such samples as read:bad_json
             metadata = {"metadata_raw": metadata_json[:1000]}
     metadata["vlcurate"] = results
-    return json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+    try:
+        return json.dumps(metadata, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # valid JSON may escape lone surrogates ("\\ud800"): they stay escaped
+        return json.dumps(metadata).encode("ascii")
 
 
 _TAR_BLOCK = 512
 _TAR_RECORD = 20 * _TAR_BLOCK  # tar files are padded to whole records of 10240 bytes
 _NUL_BLOCK = b"\0" * _TAR_BLOCK
+
+
+_MODE_OWNER = b"0000644\x000000000\x000000000\x00"  # mode, uid, gid
+_MTIME = b"00000000000\x00"  # 0: deterministic bytes, a rerun writes the same archive
+_AFTER_CHECKSUM = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247  # type, linkname, magic, version, rest
+_FIXED_SUM = sum(_MODE_OWNER) + sum(_MTIME) + 8 * 32 + sum(_AFTER_CHECKSUM)  # checksum field counts as spaces
+
+
+def _byte_sum(data: bytes) -> int:
+    """Sum of at most 256 bytes, from adler32's low half (exact below 65521): much faster than ``sum()``."""
+    return (zlib.adler32(data) & 0xFFFF) - 1
 
 
 def tar_member(name: str, data: bytes) -> bytes:
@@ -179,14 +194,10 @@ def tar_member(name: str, data: bytes) -> bytes:
         info.size, info.mode, info.mtime = len(data), 0o644, 0
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     else:
-        fields = bytearray(_TAR_BLOCK)
-        fields[0:len(encoded)] = encoded
-        fields[100:148] = b"0000644\x000000000\x000000000\x00" + b"%011o\x00" % len(data) + b"00000000000\x00"
-        fields[148:156] = b"        "
-        fields[156:157] = b"0"
-        fields[257:265] = b"ustar\x0000"
-        fields[148:155] = b"%06o\x00" % sum(fields)
-        header = bytes(fields)
+        size = b"%011o\x00" % len(data)
+        checksum = _FIXED_SUM + _byte_sum(encoded) + _byte_sum(size)
+        header = (encoded + b"\0" * (100 - len(encoded)) + _MODE_OWNER + size + _MTIME
+                  + b"%06o\x00 " % checksum + _AFTER_CHECKSUM)
     return header + data + b"\0" * (-len(data) % _TAR_BLOCK)
 
 

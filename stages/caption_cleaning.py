@@ -139,6 +139,22 @@ PATTERN_RULES: dict[str, tuple[str, str | Callable[[re.Match], str]]] = {
     "repeated_letters": (r"([^\W\d_])\1{3,}", r"\1\1"),
 }
 
+# What a caption must contain for a rule to possibly match: most captions skip most rules without a regex scan.
+_CAN_MATCH: dict[str, Callable[[str], bool]] = {
+    "control_chars": lambda text: not (text.isascii() and text.isprintable()),
+    "zero_width": lambda text: not text.isascii(),
+    "url": lambda text: "://" in text or any(w in text for w in ("ww", "WW", "Ww", "wW")),
+    "email": lambda text: "@" in text,
+    "handle": lambda text: "@" in text,
+    "hashtag": lambda text: "#" in text,
+    "long_ellipsis": lambda text: "...." in text or "\u2026" in text,
+}
+
+
+def _always(text: str) -> bool:
+    return True
+
+
 DEFAULT_BOILERPLATE = [
     "stock photo", "stock photos", "stock photography", "stock image", "stock images", "stock picture",
     "stock video", "stock footage", "stock illustration", "stock vector", "royalty free", "royalty-free",
@@ -178,8 +194,8 @@ class PatternsStage(Stage):
             raise ValueError(
                 f"patterns.rules has unknown rule(s) {sorted(unknown)}; known rules: {sorted(PATTERN_RULES)}"
             )
-        self.compiled: list[tuple[str, re.Pattern, str | Callable[[re.Match], str]]] = [
-            (name, re.compile(PATTERN_RULES[name][0]), PATTERN_RULES[name][1])
+        self.compiled: list[tuple[str, re.Pattern, str | Callable[[re.Match], str], Callable[[str], bool]]] = [
+            (name, re.compile(PATTERN_RULES[name][0]), PATTERN_RULES[name][1], _CAN_MATCH.get(name, _always))
             for name in PATTERN_RULES
             if params.rules.get(name, False)
         ]
@@ -188,13 +204,15 @@ class PatternsStage(Stage):
             # Remove the phrase together with a separator that attaches it ("Red car - Stock Photo"); the
             # separator's leading spaces are only tried from the start of a run of spaces (linear time).
             pattern = r"(?i)(?:(?<!\s)\s*[|:\-–—]\s*)?\b(?:" + "|".join(phrases) + r")(?!\w)"
-            self.compiled.append(("boilerplate", re.compile(pattern), " "))
+            self.compiled.append(("boilerplate", re.compile(pattern), " ", _always))
         for name, regex in params.extra.items():
-            self.compiled.append((name, re.compile(regex), " "))
+            self.compiled.append((name, re.compile(regex), " ", _always))
 
     def clean(self, text: str) -> tuple[str, list[str]]:
         hits = []
-        for name, pattern, replacement in self.compiled:
+        for name, pattern, replacement, can_match in self.compiled:
+            if not can_match(text):
+                continue
             text, n = pattern.subn(replacement, text)
             if n:
                 hits.append(name)

@@ -98,3 +98,15 @@ def test_cli_mistakes_give_one_line_and_exit_code_2(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("vlcurate: error:") and message in lines[0], result.stderr
+
+
+def test_set_takes_several_pairs_after_one_flag_and_repeated_flags():
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["run", "configs/qwen-vl-rules.yaml", "--input", "x.tar", "--output", "o",
+                                      "--set", "length.min_words=3", "emoji.enabled=false",
+                                      "--set", "read.batch_samples=7"])
+    assert args.overrides == ["length.min_words=3", "emoji.enabled=false", "read.batch_samples=7"]
+    config = load_config(ROOT / "configs" / "qwen-vl-rules.yaml", args.overrides)
+    assert config.read.batch_samples == 7
+    assert [s.params.min_words for s in config.stages if s.name == "length"] == [3]
