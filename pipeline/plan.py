@@ -14,6 +14,7 @@ rule-stage parallelism is the cluster's CPUs, not the pool size.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import pyarrow as pa
@@ -70,6 +71,7 @@ def write_results(table: pa.Table, ctx: RunContext) -> pa.Table:
 
 SOURCE_CPUS = 1.0  # a source task reads, parses and annotates: one core
 SINK_CPUS = 0.5  # a sink task joins, judges and writes: mostly I/O
+TASKS_PER_CPU = 4  # shards are grouped into this many source tasks per CPU of the cluster (fewer when fewer shards)
 SOURCE_BATCHES_HELD = 4  # memory a source task reserves, in batches (read, annotated, carried, slim)
 
 
@@ -91,17 +93,21 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
 
     A model stage asks for GPUs only when the cluster has some: a GPU request on a CPU-only cluster would wait
     forever."""
+    cluster_cpus = cluster_cpus or float(ray.cluster_resources().get("CPU", 1))
     items = [{"source": s.url, "stem": s.stem} for s in shards]
-    dataset = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    # Several small shards per task (each still committed on its own), at least TASKS_PER_CPU tasks per CPU so
+    # that the work stays balanced: a task costs the driver and Ray more than a small shard costs a worker.
+    tasks = max(1, min(len(items), math.ceil(TASKS_PER_CPU * cluster_cpus)))
+    dataset = ray.data.from_items(items, override_num_blocks=tasks)
     plan = ctx.plan
     if not plan.models:
-        return dataset.map_batches(curate_shards, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
-                                   num_cpus=1)
+        return dataset.map_batches(curate_shards, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
+                                   num_cpus=SOURCE_CPUS)
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
-    dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=1, batch_format="pyarrow",
+    dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
                                   num_cpus=SOURCE_CPUS, memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes)
-    cpus = actor_cpus(ctx, cluster_cpus or float(ray.cluster_resources().get("CPU", 1)))
+    cpus = actor_cpus(ctx, cluster_cpus)
     for index in plan.models:
         params = ctx.specs[index].params
         dataset = dataset.map_batches(

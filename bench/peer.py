@@ -1,0 +1,64 @@
+"""vlcurate against Data-Juicer on the same corpus, back to back: wall time, start-up included.
+
+    bash ../shared/bench/data-juicer.sh            # once: builds Data-Juicer's venv and the corpus under $B
+    .venv/bin/python bench/peer.py [--bench /tmp/dj-bench] [--rounds 2]
+
+Each round runs Data-Juicer's equivalent op chain (recipe B of the peer script: HTML and link cleaning, length,
+special characters, fastText language, image shape, aspect ratio) on ``$B/corpus/dj/flickr-rep`` and then
+``vlcurate run configs/qwen-vl-rules.yaml`` on the same samples as WebDataset shards (``$B/corpus/flickr-rep``),
+each as a fresh command (vlcurate starts its own Ray), and prints both wall times and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timed(command: list[str], cwd: Path, env: dict | None = None) -> float:
+    started = time.perf_counter()
+    completed = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        sys.exit(f"{command[0]} failed ({completed.returncode}):\n{completed.stderr[-2000:]}")
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bench", default=os.environ.get("B", "/tmp/dj-bench"), help="the peer script's folder")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    bench = Path(args.bench)
+    corpus = bench / "corpus" / "flickr-rep"
+    if not (bench / "venv" / "bin" / "dj-process").exists() or not corpus.is_dir():
+        sys.exit(f"{bench} has no Data-Juicer build: run `B={bench} REPS=100 bash ../shared/bench/data-juicer.sh`")
+    samples = sum(1 for _ in corpus.glob("*.tar")) * 250
+    # The peer script's own environment (offline caches under $B), then its measuring wrapper on recipe B.
+    dj = ["bash", "-c", "source dj/env.sh && venv/bin/python dj_bench.py dj/recipe_B_bench.yaml --runs 1 "
+          "--json results/peer_B.json --logdir results/peer_logs"]
+    vlcurate = [str(ROOT / ".venv" / "bin" / "vlcurate"), "run", str(ROOT / "configs" / "qwen-vl-rules.yaml"),
+                "--input", str(corpus), "--quiet"]
+    print(f"{samples} samples ({corpus}), {os.cpu_count()} CPU cores")
+    print(f"{'round':<8}{'Data-Juicer s':>15}{'vlcurate s':>12}{'ratio':>8}")
+    for round_number in range(1, args.rounds + 1):
+        dj_seconds = timed(dj, bench)
+        out = Path(tempfile.mkdtemp(prefix="vlcurate-peer-"))
+        try:
+            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+            ours = timed(vlcurate + ["--output", str(out / "out")], ROOT, env)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"{round_number:<8}{dj_seconds:>15.1f}{ours:>12.1f}{ours / dj_seconds:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
