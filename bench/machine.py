@@ -1,7 +1,10 @@
 """Measuring a run from outside: machine memory in use above idle, and peak memory per Ray worker.
 
 Machine memory is ``total - available`` (psutil), sampled every 50 ms: it counts Ray's object store (shared
-memory) once, where summed RSS would count every mapping of it again.
+memory) once, where summed RSS would count every mapping of it again. Beside it, the proportional set size (PSS)
+summed over this process and its descendants (with a local Ray: the raylet, the object store, every worker):
+shared pages are split between the processes that map them, so the sum also counts the object store once, and
+other programs on the machine do not disturb it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,23 @@ def memory_in_use() -> int:
     return memory.total - memory.available
 
 
+def tree_pss() -> int:
+    return sum(tree_pss_by_process().values())
+
+
+def tree_pss_by_process() -> dict[str, int]:
+    """PSS of this process and each of its descendants, by process title."""
+    root = psutil.Process()
+    sizes: dict[str, int] = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            title = " ".join(process.cmdline())[:60] or process.name()
+            sizes[f"{title} [{process.pid}]"] = process.memory_full_info().pss
+        except (psutil.Error, AttributeError):
+            continue
+    return sizes
+
+
 class MachineMonitor:
     """Peak machine memory above the level measured at start, and peak RSS of each Ray worker process."""
 
@@ -24,6 +44,9 @@ class MachineMonitor:
         self.interval = interval
         self.idle = memory_in_use()
         self.peak = self.idle
+        self.tree_idle = tree_pss()
+        self.tree_peak = self.tree_idle
+        self.tree_at_peak: dict[str, int] = {}
         self.worker_peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -31,6 +54,9 @@ class MachineMonitor:
     def _sample(self):
         while not self._stop.is_set():
             self.peak = max(self.peak, memory_in_use())
+            sizes = tree_pss_by_process()
+            if sum(sizes.values()) > self.tree_peak:
+                self.tree_peak, self.tree_at_peak = sum(sizes.values()), sizes
             for process in psutil.process_iter(["name", "cmdline", "memory_info"]):
                 try:
                     title = " ".join(process.info["cmdline"] or [])
@@ -46,6 +72,10 @@ class MachineMonitor:
     @property
     def above_idle(self) -> int:
         return self.peak - self.idle
+
+    @property
+    def tree_above_idle(self) -> int:
+        return self.tree_peak - self.tree_idle
 
     @property
     def largest_worker(self) -> int:

@@ -51,14 +51,11 @@ def main():
         for layout in args.layouts:
             shards, per_shard = (int(x) for x in layout.split("x"))
             corpora.append((layout, replicate(work / f"in-{layout}", shards * per_shard, per_shard)))
-        import ray
-
-        ray.init(num_cpus=args.cpus, include_dashboard=False, logging_level="ERROR")
-        init_ray()
+        init_ray(num_cpus=args.cpus)
         run_curation(config, [str(replicate(work / "in-warm", 200, 100))], str(work / "out-warm"), progress=False)
         print(f"demo.yaml with tiny models, decode.size={args.decode_size}, Ray on {args.cpus} CPUs")
         print(f"{'layout':<12}{'samples':>9}{'wall s':>9}{'samples/s':>11}{'mem above idle GiB':>20}"
-              f"{'largest worker MiB':>20}")
+              f"{'PSS above idle GiB':>20}{'largest worker MiB':>20}")
         peaks = []
         for layout, corpus in corpora:
             time.sleep(2)  # let the previous run's memory settle before measuring idle
@@ -67,7 +64,8 @@ def main():
             peaks.append(monitor.above_idle)
             rate = result.samples_processed / result.seconds
             print(f"{layout:<12}{result.samples_processed:>9}{result.seconds:>9.1f}{rate:>11.0f}"
-                  f"{monitor.above_idle / GIB:>20.2f}{monitor.largest_worker / MIB:>20.0f}"
+                  f"{monitor.above_idle / GIB:>20.2f}{monitor.tree_above_idle / GIB:>20.2f}"
+                  f"{monitor.largest_worker / MIB:>20.0f}"
                   + (f"   FAILED {len(result.failed)} shard(s)" if result.failed else ""))
             shutil.rmtree(work / f"out-{layout}", ignore_errors=True)
         if len(peaks) >= 2 and peaks[1]:

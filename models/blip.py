@@ -113,11 +113,17 @@ class BlipItmFilter:
         """p(match) = softmax of the ITM head's two logits, one per (image, caption) pair."""
         if not images:
             return []
-        inputs = self.processor(images=images, text=captions, return_tensors="pt", padding=True,
-                                truncation=True).to(self.device)
+        # The same image is often paired with several captions (web + synthetic): preprocess and encode it once.
+        unique: dict[int, int] = {}
+        for image in images:
+            unique.setdefault(id(image), len(unique))
+        distinct = list({id(image): image for image in images}.values())
+        pixel_values = self.processor(images=distinct, return_tensors="pt")["pixel_values"].to(self.device)
+        text = self.processor(text=captions, return_tensors="pt", padding=True, truncation=True).to(self.device)
+        rows = torch.tensor([unique[id(image)] for image in images], device=self.device)
         with autocast_context(self.device, self.precision):
-            image_embeds = self.model.vision_model(pixel_values=inputs["pixel_values"]).last_hidden_state
-            logits = itm_logits(self.model, image_embeds, inputs["input_ids"], inputs["attention_mask"])
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state[rows]
+            logits = itm_logits(self.model, image_embeds, text["input_ids"], text["attention_mask"])
         return logits.float().softmax(dim=-1)[:, 1].tolist()
 
 

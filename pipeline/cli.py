@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except (ConfigError, InputError, ModelFileError, UsageError) as exc:
-        print(f"vlcurate: error: {exc}", file=sys.stderr)
+        print(f"vlcurate: error: {printable(str(exc))}", file=sys.stderr)  # paths may come from listings
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("vlcurate: interrupted; rerun the same command to finish the remaining shards", file=sys.stderr)

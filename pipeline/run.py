@@ -24,7 +24,7 @@ from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, aggregate_stats, at
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
 
 CONFIG_FILE = "config.yaml"
-OBJECT_STORE_SHARE = 0.1
+OBJECT_STORE_SHARE = 0.05
 STATS_FILE = "stats.json"
 
 
@@ -48,15 +48,23 @@ class RunResult:
         return 1 if self.failed else 0
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start Ray locally on all CPUs; quiet Ray Data's own output."""
+# Workers free batch after batch of large buffers (image bytes, decoded pixels). glibc raises its mmap threshold
+# after each large free, so later buffers come from the heap and freed memory stays with the process; a fixed
+# threshold returns it. Arrow's own pool keeps freed memory too: the system allocator does not.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "ARROW_DEFAULT_MEMORY_POOL": "system"}
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start Ray locally (on ``num_cpus``, default all); quiet Ray
+    Data's own output."""
     import ray
     import ray.data  # configures Ray Data's loggers on import: adjust them afterwards
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                 logging_level=logging.WARNING, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar of its own, per shard
@@ -164,7 +172,7 @@ def run_curation(config: CurationConfig, inputs: list[str], output: str, address
     out.remove_temporary_files()
     out.remove_empty_parts_folder()
     if any(getattr(s.params, "top_fraction", 0) for s in config.enabled_stages) and committed:
-        reselected += reselect(out, config)  # a top fraction is exact only over the whole run
+        reselect(out, config)  # a top fraction is exact only over the whole run: its cutoff moves with new shards
     stats = write_stats(out, config)
     failed = [s for s in committed if s["error"] is not None]
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,

@@ -32,6 +32,7 @@ import pyarrow as pa
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 ORIGINAL_CAPTION_KEEP = 1_000  # characters of an oversized caption kept in the manifest
 MAX_KEY_BYTES = 512  # longer member names are not keys of a real dataset
+MAX_JSON_DEPTH = 64  # metadata nested deeper is read:bad_json (img2dataset writes a flat object)
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -247,10 +248,10 @@ class _TarStream:
         pax: dict[str, str] = {}
         while True:
             header = self.raw.read(BLOCK)
-            if not header or header == b"\0" * BLOCK:
-                if len(header) not in (0, BLOCK):
-                    raise ShardError("unreadable tar archive (ReadError: truncated header)")
-                return  # end of archive (or a stream that simply stops between members)
+            if not header or (not header[0] and not header.strip(b"\0")):  # (a member's name starts at byte 0)
+                # End of archive, a stream that simply stops between members, or one cut inside the end-of-archive
+                # blocks (every member is whole; as tarfile reads it).
+                return
             if len(header) != BLOCK:
                 raise ShardError("unreadable tar archive (ReadError: truncated header)")
             if not _checksum_ok(header):
@@ -277,6 +278,8 @@ class _TarStream:
                     size = int(pax["size"])
                 except ValueError:
                     raise ShardError("unreadable tar archive (bad pax size)") from None
+                if size < 0:  # read(-1) would read the rest of the shard into memory
+                    raise ShardError(f"unreadable tar archive (negative pax size at member {self.index})")
             long_name, pax = None, {}
             self.index += 1
             if kind in _SKIPPED_TYPES:
@@ -432,7 +435,7 @@ def _sample_values(sample: _Sample, params: ReadParams) -> dict:
     if caption_original is not None and len(caption_original) > ORIGINAL_CAPTION_KEEP and error:
         caption_original = caption_original[:ORIGINAL_CAPTION_KEEP] + "…"
     return {
-        "key": sample.key,
+        "key": _manifest_key(sample.key) if sample.error == "unsafe_key" else sample.key,
         "image": files[image_ext] if image_ext else None,
         "image_ext": image_ext,
         "metadata_json": metadata_text,
@@ -442,15 +445,47 @@ def _sample_values(sample: _Sample, params: ReadParams) -> dict:
     }
 
 
+def _manifest_key(key: str) -> str:
+    """An unsafe key as manifest text: bytes of the member name that are not UTF-8 (surrogate escapes, which
+    Arrow refuses) become ``\\xNN``; any other key is stored as it is."""
+    try:
+        key.encode("utf-8")
+        return key
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _checked_json(data: bytes) -> tuple[str | None, str | None]:
     """The metadata text, and ``bad_json`` when it is not JSON that Python can load (invalid UTF-8, syntax,
-    integers beyond Python's digit limit, nesting beyond the recursion limit)."""
+    integers beyond Python's digit limit) or is nested deeper than ``MAX_JSON_DEPTH``. The depth bound is what
+    makes the verdict the same everywhere: how deep ``json.loads`` can go depends on the caller's stack, so
+    metadata just under the recursion limit here would fail whoever loads the output .json next."""
     try:
         text = data.decode("utf-8")
-        json.loads(text)
+        value = json.loads(text)
+        # Nesting needs an opening bracket per level: most metadata has too few to be worth walking.
+        if text.count("[") + text.count("{") > MAX_JSON_DEPTH and not _depth_within(value, MAX_JSON_DEPTH):
+            raise ValueError("nested too deeply")
     except (ValueError, RecursionError):
         return data[:ORIGINAL_CAPTION_KEEP].decode("utf-8", "replace"), "bad_json"
     return text, None
+
+
+def _depth_within(value, limit: int) -> bool:
+    """Whether JSON arrays and objects nest at most ``limit`` deep (level by level: no recursion)."""
+    level = [value] if isinstance(value, (dict, list)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return False
+        below = []
+        for item in level:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, (dict, list)):
+                    below.append(child)
+        level = below
+    return True
 
 
 def read_shard(url: str, params: ReadParams | None = None) -> pa.Table:

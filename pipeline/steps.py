@@ -46,6 +46,7 @@ SLIM_FIXED = {
     "shard_total": pa.int64(),  # set on the row that ends a shard (position -1): how many samples it had
     "shard_error": pa.string(),  # set on the row that ends a shard that could not be read to the end
 }
+MODEL_INPUTS = (PIXELS, "image")  # what the model actors read; dropped after the last one
 SECONDS_PREFIX = "seconds:"  # per-sample share of a step's CPU seconds, per stage (summed into each part)
 SAMPLES_PREFIX = "samples:"  # per-sample share of the samples a CPU stage annotated (summed likewise)
 
@@ -223,8 +224,7 @@ def slim_table(ctx: RunContext, out: OutputDir, stem: str, source: str, batch: p
         "shard_total": pa.nulls(n, pa.int64()),
         "shard_error": pa.nulls(n, pa.string()),
     }
-    model_inputs = [PIXELS, "decode_size"] if PIXELS in batch.column_names else ["image"]
-    for name in model_inputs:
+    for name in [PIXELS, "decode_size"] if PIXELS in batch.column_names else ["image"]:
         column = batch.column(name)
         columns[name] = pc.if_else(alive, column, pa.nulls(n, column.type))
     for name, figures in timing.items():
@@ -255,8 +255,12 @@ def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
     share = pa.array([seconds / n if n else 0.0] * n, pa.float64())
     if column in table.column_names:
         share = pc.add(table.column(column), share)
-        return table.set_column(table.column_names.index(column), column, share)
-    return table.append_column(column, share)
+        table = table.set_column(table.column_names.index(column), column, share)
+    else:
+        table = table.append_column(column, share)
+    if index == ctx.plan.models[-1]:  # the sink needs scores, not pixels: they stop here
+        table = table.drop_columns([c for c in MODEL_INPUTS if c in table.column_names])
+    return table
 
 
 # -------------------------------------------------------------------------------------------------- sink step

@@ -28,9 +28,7 @@ def ray_cluster():
 
     from pipeline.run import init_ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    init_ray()  # applies vlcurate's Ray Data settings to the running cluster
+    init_ray(num_cpus=2)  # vlcurate's own start-up, as the CLI does it, on two CPUs
     yield
     ray.shutdown()
 
