@@ -21,10 +21,10 @@ import pyarrow as pa
 import ray
 
 from pipeline.shards import Shard
-from pipeline.steps import SUMMARY_SCHEMA, RunContext, curate_shard, run_model_stage, slim_batches, write_model_results
+from pipeline.steps import PIXEL_SLICE_BYTES, SUMMARY_SCHEMA, RunContext, curate_shard, run_model_stage, slim_batches, write_model_results
 
 # Slim tables are cut into blocks of about this size on their way to the model actors.
-SLIM_BLOCK_BYTES = 64 * 2**20
+SLIM_BLOCK_BYTES = PIXEL_SLICE_BYTES
 
 
 def _summary_table(summaries: list[dict]) -> pa.Table:
@@ -71,6 +71,11 @@ def write_results(table: pa.Table, ctx: RunContext) -> pa.Table:
 
 SOURCE_CPUS = 1.0  # a source task reads, parses and annotates: one core
 SINK_CPUS = 0.5  # a sink task joins, judges and writes: mostly I/O
+# Model recipes move decoded pixels: their workers free batch after batch of large buffers. glibc raises its mmap
+# threshold after each large free, so later buffers come from the heap and freed memory stays with the process; a
+# fixed threshold returns it. Arrow's own pool keeps freed memory too: the system allocator does not. (Rule recipes
+# run about a fifth faster without these, and hold no large buffers.)
+MODEL_RECIPE_WORKERS = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072", "ARROW_DEFAULT_MEMORY_POOL": "system"}}
 TASKS_PER_CPU = 4  # shards are grouped into this many source tasks per CPU of the cluster (fewer when fewer shards)
 SOURCE_BATCHES_HELD = 4  # memory a source task reserves, in batches (read, annotated, carried, slim)
 
@@ -106,7 +111,8 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                                  num_cpus=SOURCE_CPUS, memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes)
+                                  num_cpus=SOURCE_CPUS, memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes,
+                                  runtime_env=MODEL_RECIPE_WORKERS)
     cpus = actor_cpus(ctx, cluster_cpus)
     for index in plan.models:
         params = ctx.specs[index].params
@@ -118,6 +124,7 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
             num_cpus=cpus[index],
             batch_size=params.batch_size,
             batch_format="pyarrow",
+            runtime_env=MODEL_RECIPE_WORKERS,
         )
     return dataset.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                               num_cpus=SINK_CPUS)
+                               num_cpus=SINK_CPUS, runtime_env=MODEL_RECIPE_WORKERS)

@@ -48,12 +48,6 @@ class RunResult:
         return 1 if self.failed else 0
 
 
-# Workers free batch after batch of large buffers (image bytes, decoded pixels). glibc raises its mmap threshold
-# after each large free, so later buffers come from the heap and freed memory stays with the process; a fixed
-# threshold returns it. Arrow's own pool keeps freed memory too: the system allocator does not.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "ARROW_DEFAULT_MEMORY_POOL": "system"}
-
-
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start Ray locally (on ``num_cpus``, default all); quiet Ray
     Data's own output."""
@@ -64,7 +58,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True, runtime_env={"env_vars": WORKER_ENV})
+                 logging_level=logging.WARNING, log_to_driver=True)
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar of its own, per shard

@@ -46,6 +46,7 @@ SLIM_FIXED = {
     "shard_total": pa.int64(),  # set on the row that ends a shard (position -1): how many samples it had
     "shard_error": pa.string(),  # set on the row that ends a shard that could not be read to the end
 }
+PIXEL_SLICE_BYTES = 16 * 2**20  # decoded pixels per slice of a batch, and so per block sent to the model actors
 MODEL_INPUTS = (PIXELS, "image")  # what the model actors read; dropped after the last one
 SECONDS_PREFIX = "seconds:"  # per-sample share of a step's CPU seconds, per stage (summed into each part)
 SAMPLES_PREFIX = "samples:"  # per-sample share of the samples a CPU stage annotated (summed likewise)
@@ -176,13 +177,13 @@ def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
     the full rows to the shard's parts folder, and yield the slim tables the model actors need. The shard ends
     with one more row that says how many samples it had, or why it could not be read to the end.
 
-    Stages that add decoded pixels run on slices of the batch whose pixels fit in ``read.batch_bytes``, so a
+    Stages that add decoded pixels run on slices of the batch whose pixels fit in ``PIXEL_SLICE_BYTES``, so a
     batch of large decodes never sits in memory whole."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
     cheap, decoding = split_at_first_decoder(stages, ctx.plan.source)
     pixel_bytes = max((stages[i].transient_bytes_per_sample() for i in decoding), default=0)
-    slice_rows = max(1, ctx.read.batch_bytes // pixel_bytes) if pixel_bytes else ctx.read.batch_samples
+    slice_rows = max(1, PIXEL_SLICE_BYTES // pixel_bytes) if pixel_bytes else ctx.read.batch_samples
     total = 0
     try:
         out.clear_parts(stem)
