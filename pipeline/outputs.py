@@ -29,13 +29,14 @@ import shutil
 import stat
 import tarfile
 import uuid
-import zlib
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from pipeline.shards import byte_sum
 
 TMP_MARK = ".tmp-"
 MANIFEST_EXCLUDED = ("image", "metadata_json")
@@ -181,11 +182,6 @@ _AFTER_CHECKSUM = b"0" + b"\0" * 100 + b"ustar\x0000" + b"\0" * 247  # type, lin
 _FIXED_SUM = sum(_MODE_OWNER) + sum(_MTIME) + 8 * 32 + sum(_AFTER_CHECKSUM)  # checksum field counts as spaces
 
 
-def _byte_sum(data: bytes) -> int:
-    """Sum of at most 256 bytes, from adler32's low half (exact below 65521): much faster than ``sum()``."""
-    return (zlib.adler32(data) & 0xFFFF) - 1
-
-
 def tar_member(name: str, data: bytes) -> bytes:
     """One regular-file member (header, data, padding) with fixed owner, mode and mtime: same input, same bytes."""
     encoded = name.encode("utf-8", "surrogateescape")
@@ -195,7 +191,7 @@ def tar_member(name: str, data: bytes) -> bytes:
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     else:
         size = b"%011o\x00" % len(data)
-        checksum = _FIXED_SUM + _byte_sum(encoded) + _byte_sum(size)
+        checksum = _FIXED_SUM + byte_sum(encoded) + byte_sum(size)
         header = (encoded + b"\0" * (100 - len(encoded)) + _MODE_OWNER + size + _MTIME
                   + b"%06o\x00 " % checksum + _AFTER_CHECKSUM)
     return header + data + b"\0" * (-len(data) % _TAR_BLOCK)

@@ -196,7 +196,7 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def _byte_sum(data: bytes) -> int:
+def byte_sum(data: bytes) -> int:
     """The sum of the bytes of ``data`` (at most 256 bytes): adler32's low half is 1 + that sum modulo 65521,
     and 256 bytes sum to at most 65280, so it is exact; far faster than ``sum()`` over Python ints."""
     return (zlib.adler32(data) & 0xFFFF) - 1
@@ -205,7 +205,7 @@ def _byte_sum(data: bytes) -> int:
 def _checksum_ok(header: bytes) -> bool:
     stored = _octal(header[148:156])
     # The checksum field itself counts as eight spaces.
-    computed = _byte_sum(header[:148]) + 256 + _byte_sum(header[156:356]) + _byte_sum(header[356:])
+    computed = byte_sum(header[:148]) + 256 + byte_sum(header[156:356]) + byte_sum(header[356:])
     return stored == computed
 
 
