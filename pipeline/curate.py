@@ -18,6 +18,11 @@ from stages import SampleBatch, Stage
 READ_STAGE = "read"
 
 
+def stage_names(stages) -> list[str]:
+    """The funnel's stage names: ``read`` first, then the stages (built stages or their specs) in order."""
+    return [READ_STAGE, *(stage.name for stage in stages)]
+
+
 class StageContractError(TypeError):
     """A stage's ``annotate`` returned other columns than the ones it declares (a programming error)."""
 

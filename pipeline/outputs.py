@@ -222,11 +222,6 @@ def tar_fragment(table: pa.Table, source: str) -> bytes:
     return b"".join(chunks)
 
 
-def build_shard_tar(table: pa.Table, source: str) -> bytes:
-    fragment = tar_fragment(table, source)
-    return fragment + tar_trailer(len(fragment))
-
-
 def manifest_table(table: pa.Table, source: str) -> pa.Table:
     sizes = pc.binary_length(table.column("image")).cast(pa.int64())
     manifest = table.drop_columns([c for c in MANIFEST_EXCLUDED if c in table.column_names])
@@ -327,11 +322,15 @@ class ShardWriter:
         self.manifests: list[pa.Table] = []
         self.timings: list[dict] = []
 
-    def add(self, table: pa.Table, timing: dict[str, dict]) -> None:
-        """A run of judged samples, in position order after the ones added before."""
+    def add_members(self, table: pa.Table) -> None:
+        """The tar members of a run of judged samples, in position order after the ones added before."""
         fragment = tar_fragment(table, self.source)
         self.file.write(fragment)
         self.tar_bytes += len(fragment)
+
+    def add(self, table: pa.Table, timing: dict[str, dict]) -> None:
+        """A run of judged samples: its tar members and its manifest rows."""
+        self.add_members(table)
         self.manifests.append(manifest_table(table, self.source))
         self.timings.append(timing)
 
@@ -346,11 +345,7 @@ class ShardWriter:
 
     def commit(self, stage_names: list[str], fingerprint: str, config_name: str) -> dict[str, Any]:
         try:
-            self.file.write(tar_trailer(self.tar_bytes))
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.file.close()
-            os.replace(self.tmp, self.out.shard_path(self.stem))
+            self.finish_tar()
             manifest = (pa.concat_tables(self.manifests, promote_options="permissive") if self.manifests
                         else empty_manifest())
             atomic_write_bytes(self.out.manifest_path(self.stem), manifest_bytes(manifest))
@@ -367,6 +362,14 @@ class ShardWriter:
             return record
         finally:
             self.abort()
+
+    def finish_tar(self) -> None:
+        """End the archive, make it durable and rename it into place."""
+        self.file.write(tar_trailer(self.tar_bytes))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.out.shard_path(self.stem))
 
     def abort(self) -> None:
         """Drop what was written (after a commit, only the already-renamed temporary name is gone)."""

@@ -17,9 +17,10 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
-from pipeline.curate import READ_STAGE, apply_verdicts
-from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, aggregate_stats, atomic_write_bytes, atomic_write_json,
-                              commit_shard, manifest_bytes, parts_cover, shard_stats, tar_fragment, tar_trailer,
+from pipeline.curate import apply_verdicts
+from pipeline.curate import stage_names as funnel_names
+from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, ShardWriter, aggregate_stats, atomic_write_bytes,
+                              atomic_write_json, commit_shard, manifest_bytes, parts_cover, shard_stats,
                               write_shard_failure)
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
 
@@ -96,7 +97,7 @@ def prepare_output(output: str | Path) -> OutputDir:
 
 
 def stage_names(config: CurationConfig) -> list[str]:
-    return [READ_STAGE, *(s.name for s in config.enabled_stages)]
+    return funnel_names(config.enabled_stages)
 
 
 def saved_config(out: OutputDir) -> CurationConfig | None:
@@ -232,11 +233,11 @@ class ShardBook:
         return None
 
     def _commit(self, stem: str, total: int) -> dict:
-        from pipeline.steps import describe, stage_names as names_of
+        from pipeline.steps import describe
 
         try:
             record = commit_shard(self.out, stem, self.sources[stem], list(self.parts[stem].values()), total,
-                                  names_of(self.ctx.stages()), self.ctx.fingerprint, self.ctx.config_name)
+                                  funnel_names(self.ctx.stages()), self.ctx.fingerprint, self.ctx.config_name)
         except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
             return self._finish(stem, total=0, kept=0, error=f"committing outputs: {describe(exc)}")
         return self._finish(stem, total=record["total"], kept=record["kept"], error=None)
@@ -374,27 +375,18 @@ def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table, r
     positions = rows.column("position").to_pylist()
     if positions != list(range(len(positions))):
         raise UsageError(f"manifest of {stem} does not list positions 0..{len(positions) - 1}: rerun with --force")
-    path = out.shard_path(stem)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.urandom(6).hex()}")
-    written = 0
+    writer = ShardWriter(out, stem, source)
     try:
-        with open(tmp, "wb") as target:
-            for batch in iter_sample_batches(source, read):
-                first = batch.column("position")[0].as_py()
-                part = rows.slice(first, batch.num_rows)
-                if part.column("key").to_pylist() != batch.column("key").to_pylist():
-                    raise UsageError(f"input shard {source} changed since it was curated: rerun with --force")
-                part = part.append_column("image", batch.column("image"))
-                part = part.append_column("metadata_json", batch.column("metadata_json"))
-                fragment = tar_fragment(part, source)
-                target.write(fragment)
-                written += len(fragment)
-            target.write(tar_trailer(written))
-            target.flush()
-            os.fsync(target.fileno())
-        os.replace(tmp, path)
+        for batch in iter_sample_batches(source, read):
+            first = batch.column("position")[0].as_py()
+            part = rows.slice(first, batch.num_rows)
+            if part.column("key").to_pylist() != batch.column("key").to_pylist():
+                raise UsageError(f"input shard {source} changed since it was curated: rerun with --force")
+            part = part.append_column("image", batch.column("image"))
+            writer.add_members(part.append_column("metadata_json", batch.column("metadata_json")))
+        writer.finish_tar()
     finally:
-        tmp.unlink(missing_ok=True)
+        writer.abort()
 
 
 def shard_status(output: str, inputs: list[str] | None = None) -> dict[str, list[str]]:

@@ -27,13 +27,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.config import StageSpec
-from pipeline.curate import annotate_batch, finish_batch, verdicts
+from pipeline.curate import READ_STAGE, annotate_batch, finish_batch, stage_names, verdicts
 from pipeline.outputs import OutputDir, PartInfo, ShardWriter, read_carry, write_carry, write_part
 from pipeline.shards import ReadParams, ShardError, iter_sample_batches
 from stages import Stage
 from stages.image_decode import PIXELS
-
-READ_STEP = "read"
 
 # Columns of the slim table that travels through model actor pools.
 SLIM_FIXED = {
@@ -77,28 +75,35 @@ class StepPlan:
 
 @dataclasses.dataclass
 class RunContext:
-    """Everything a step needs besides its data; built on the driver, shipped to Ray workers."""
+    """Everything a step needs besides its data; built on the driver, shipped to Ray workers. The step plan
+    and the key of the stage cache are worked out once here, not on every batch."""
 
     specs: list[StageSpec]
     read: ReadParams
     out_root: str
     fingerprint: str
     config_name: str
+    plan: StepPlan = dataclasses.field(init=False)
+    stages_key: str = dataclasses.field(init=False)
 
-    @property
-    def plan(self) -> StepPlan:
-        return StepPlan.of(self.specs)
+    def __post_init__(self):
+        self.plan = StepPlan.of(self.specs)
+        self.stages_key = stages_key(self.specs)
 
     def stages(self) -> list[Stage]:
-        return cached_stages(self.specs)
+        return cached_stages(self.specs, self.stages_key)
 
 
 _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
-def cached_stages(specs: list[StageSpec]) -> list[Stage]:
+def stages_key(specs: list[StageSpec]) -> str:
+    return json.dumps([[s.name, s.kind, dataclasses.asdict(s.params)] for s in specs], sort_keys=True, default=str)
+
+
+def cached_stages(specs: list[StageSpec], key: str | None = None) -> list[Stage]:
     """Stages are built once per worker process, so models, tokenizers and fastText load once."""
-    key = json.dumps([[s.name, s.kind, dataclasses.asdict(s.params)] for s in specs], sort_keys=True, default=str)
+    key = key or stages_key(specs)
     if key not in _STAGE_CACHE:
         _STAGE_CACHE[key] = [spec.build() for spec in specs]
     return _STAGE_CACHE[key]
@@ -144,7 +149,7 @@ def read_batches(source: str, read: ReadParams, timer: StageTimer) -> Iterator[p
         batch = next(batches, None)
         if batch is None:
             return
-        timer.add(READ_STEP, time.process_time() - started, batch.num_rows)
+        timer.add(READ_STAGE, time.process_time() - started, batch.num_rows)
         yield batch
 
 
@@ -356,12 +361,6 @@ def shard_summary(stem: str, source: str, part: PartInfo | None = None, total: i
         "end": end or committed, "total": total, "committed": committed, "kept": kept, "error": error,
         "timing": json.dumps(part.timing) if part else None,
     }
-
-
-def stage_names(stages: list[Stage]) -> list[str]:
-    from pipeline.curate import READ_STAGE
-
-    return [READ_STAGE, *(s.name for s in stages)]
 
 
 def describe(exc: BaseException) -> str:

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import FLICKR, ROOT, require, write_tar
 from pipeline.config import load_config, parse_config
-from pipeline.outputs import build_shard_tar, tar_member
+from pipeline.outputs import tar_fragment, tar_member, tar_trailer
 from pipeline.run import run_curation
 from pipeline.shards import ReadParams, iter_sample_batches, read_shard
 from pipeline.steps import StepPlan
@@ -98,7 +98,8 @@ def test_tar_writer_output_reads_back_with_tarfile():
     data = b"".join(tar_member(name, payload) for name, payload in members)
     with tarfile.open(fileobj=io.BytesIO(data + b"\0" * 1024)) as archive:
         assert [(m.name, archive.extractfile(m).read()) for m in archive] == members
-    assert len(build_shard_tar(_empty_table(), "x")) % 10240 == 0
+    empty = tar_fragment(_empty_table(), "x")
+    assert len(empty + tar_trailer(len(empty))) % 10240 == 0
 
 
 def _empty_table():
