@@ -6,9 +6,9 @@ back to the driver. With model stages:
 
     shards -> source step (read + CPU stages, tasks) -> one actor pool per model stage -> sink step (tasks)
 
-Data crosses a process only into and out of the actor pools, as slim tables (see ``pipeline.steps``), in
-bounded blocks; Ray Data's streaming executor holds back the source step when the actors fall behind, so
-decoded pixels in flight stay a few blocks per actor. The source step is never fused into an actor pool:
+Data crosses a process only into and out of the actor pools, as slim tables (see ``pipeline.steps``) of
+compressed image bytes, in bounded blocks; images are decoded inside the model actors, batch by batch, so
+decoded pixels never sit in the object store. The source step is never fused into an actor pool:
 rule-stage parallelism is the cluster's CPUs, not the pool size.
 """
 
@@ -21,10 +21,7 @@ import pyarrow as pa
 import ray
 
 from pipeline.shards import Shard
-from pipeline.steps import PIXEL_SLICE_BYTES, SUMMARY_SCHEMA, RunContext, curate_shard, run_model_stage, slim_batches, write_model_results
-
-# Slim tables are cut into blocks of about this size on their way to the model actors.
-SLIM_BLOCK_BYTES = PIXEL_SLICE_BYTES
+from pipeline.steps import SUMMARY_SCHEMA, RunContext, curate_shard, run_model_stage, slim_batches, write_model_results
 
 
 def _summary_table(summaries: list[dict]) -> pa.Table:
@@ -38,15 +35,7 @@ def curate_shards(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
 
 def read_and_slim(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
     for item in items.to_pylist():
-        for table in slim_batches(ctx, item["source"], item["stem"]):
-            yield from _cut(table, SLIM_BLOCK_BYTES)
-
-
-def _cut(table: pa.Table, max_bytes: int) -> Iterator[pa.Table]:
-    """Slices of at most about ``max_bytes`` each (decoded pixels make slim rows large)."""
-    rows = max(1, int(table.num_rows * max_bytes / max(table.nbytes, 1)))
-    for start in range(0, table.num_rows, rows):
-        yield table.slice(start, rows)
+        yield from slim_batches(ctx, item["source"], item["stem"])
 
 
 class ModelActor:

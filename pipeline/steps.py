@@ -5,9 +5,11 @@ A recipe's stages are grouped into steps:
 * the **source step** reads an input shard as bounded batches and runs every CPU stage up to the first model
   stage on each batch, as one function over one in-memory Arrow table;
 * one **model step** per model stage, run by an actor pool (one loaded model per actor). Model actors receive a
-  slim table: the position and key of every sample of the batch, and the caption and decoded pixels of only the
-  samples still alive; everything else (image bytes, metadata, earlier annotations) waits in a carry file of the
-  shard's parts folder;
+  slim table: the position and key of every sample of the batch, and the caption and compressed image bytes of
+  only the samples still alive; everything else (metadata, earlier annotations) waits in a carry file of the
+  shard's parts folder. The stages that make the models' inputs (the decode stage: decoded pixels) run inside
+  each model step, on the batch the actor is about to score, so decoded pixels never cross a process and an
+  actor holds at most one batch of them;
 * the **sink step** joins the model results back onto the carried rows, applies the verdicts and writes the
   batch's part of the shard's outputs. Without model stages the source step does this itself.
 
@@ -31,7 +33,6 @@ from pipeline.curate import READ_STAGE, annotate_batch, finish_batch, stage_name
 from pipeline.outputs import OutputDir, PartInfo, ShardWriter, read_carry, write_carry, write_part
 from pipeline.shards import ReadParams, ShardError, iter_sample_batches
 from stages import Stage
-from stages.image_decode import PIXELS
 
 # Columns of the slim table that travels through model actor pools.
 SLIM_FIXED = {
@@ -44,19 +45,21 @@ SLIM_FIXED = {
     "shard_total": pa.int64(),  # set on the row that ends a shard (position -1): how many samples it had
     "shard_error": pa.string(),  # set on the row that ends a shard that could not be read to the end
 }
-PIXEL_SLICE_BYTES = 16 * 2**20  # decoded pixels per slice of a batch, and so per block sent to the model actors
-MODEL_INPUTS = (PIXELS, "image")  # what the model actors read; dropped after the last one
+SLIM_BLOCK_BYTES = 16 * 2**20  # image bytes per block sent to the model actors
 SECONDS_PREFIX = "seconds:"  # per-sample share of a step's CPU seconds, per stage (summed into each part)
 SAMPLES_PREFIX = "samples:"  # per-sample share of the samples a CPU stage annotated (summed likewise)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """Which stages run where: ``source`` and ``sink`` are CPU stage indices, ``models`` model stage indices."""
+    """Which stages run where, as stage indices: ``source`` and ``sink`` CPU stages, ``models`` the model stages
+    (one actor pool each), and ``model_inputs`` the CPU stages that make the models' inputs (decoded pixels),
+    run by every model step on its own batch instead of by the source."""
 
     source: tuple[int, ...]
     models: tuple[int, ...]
     sink: tuple[int, ...]
+    model_inputs: tuple[int, ...] = ()
 
     @classmethod
     def of(cls, specs: list[StageSpec]) -> "StepPlan":
@@ -70,7 +73,21 @@ class StepPlan:
                 f"CPU stage(s) {between} sit between model stages: move them before the first model stage "
                 f"({specs[first].name}) or after the last one ({specs[last].name})"
             )
-        return cls(tuple(range(first)), tuple(model_positions), tuple(range(last + 1, len(specs))))
+        makers = [i for i in range(first) if specs[i].stage_class.transient_columns]
+        inputs = tuple(range(makers[0], first)) if makers else ()
+        rewriting = [specs[i].name for i in inputs if specs[i].stage_class.rewrites_caption]
+        if rewriting:
+            raise ValueError(
+                f"caption stage(s) {rewriting} sit between {specs[inputs[0]].name} and the model stages: "
+                f"move them before {specs[inputs[0]].name}"
+            )
+        source = tuple(range(makers[0] if makers else first))
+        return cls(source, tuple(model_positions), tuple(range(last + 1, len(specs))), inputs)
+
+    @property
+    def in_actors(self) -> tuple[int, ...]:
+        """Every stage whose columns come back from the actor pools."""
+        return self.model_inputs + self.models
 
 
 @dataclasses.dataclass
@@ -178,26 +195,22 @@ def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
 
 
 def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
-    """With model stages: read and annotate every batch with the CPU stages before the first model stage, carry
-    the full rows to the shard's parts folder, and yield the slim tables the model actors need. The shard ends
-    with one more row that says how many samples it had, or why it could not be read to the end.
-
-    Stages that add decoded pixels run on slices of the batch whose pixels fit in ``PIXEL_SLICE_BYTES``, so a
-    batch of large decodes never sits in memory whole."""
+    """With model stages: read and annotate every batch with the source stages, carry the full rows to the
+    shard's parts folder, and yield the slim tables the model actors need, in blocks of about
+    ``SLIM_BLOCK_BYTES`` of image bytes. The shard ends with one more row that says how many samples it had, or
+    why it could not be read to the end."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
-    cheap, decoding = split_at_first_decoder(stages, ctx.plan.source)
-    pixel_bytes = max((stages[i].transient_bytes_per_sample() for i in decoding), default=0)
-    slice_rows = max(1, PIXEL_SLICE_BYTES // pixel_bytes) if pixel_bytes else ctx.read.batch_samples
     total = 0
     try:
         out.clear_parts(stem)
         timer = StageTimer()
         for batch in read_batches(source, ctx.read, timer):
-            batch = run_stages(batch, stages, cheap, timer)
-            for start in range(0, batch.num_rows, slice_rows):
-                piece = run_stages(batch.slice(start, slice_rows), stages, decoding, timer)
-                yield slim_table(ctx, out, stem, source, piece, stages, timer.take())
+            batch = run_stages(batch, stages, ctx.plan.source, timer)
+            slim = slim_table(ctx, out, stem, source, batch, stages, timer.take())
+            rows = max(1, int(slim.num_rows * SLIM_BLOCK_BYTES / max(slim.nbytes, 1)))
+            for start in range(0, slim.num_rows, rows):
+                yield slim.slice(start, rows)
             total += batch.num_rows
     except Exception as exc:  # noqa: BLE001
         yield end_row(ctx, stem, source, error=describe(exc))
@@ -205,20 +218,11 @@ def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
     yield end_row(ctx, stem, source, total=total)
 
 
-def split_at_first_decoder(stages: list[Stage], positions: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Source stages before the first one that adds transient columns, and the rest."""
-    for k, index in enumerate(positions):
-        if stages[index].transient_bytes_per_sample():
-            return positions[:k], positions[k:]
-    return positions, ()
-
-
 def slim_table(ctx: RunContext, out: OutputDir, stem: str, source: str, batch: pa.Table, stages: list[Stage],
                timing: dict[str, dict]) -> pa.Table:
-    first_model = ctx.plan.models[0]
-    alive = pa.array([reason is None for reason in verdicts(batch, stages[:first_model])], pa.bool_())
-    transient = [name for stage in stages for name in stage.transient_columns if name in batch.column_names]
-    write_carry(out, stem, batch.drop_columns(transient))
+    alive = pa.array([reason is None for reason in verdicts(batch, [stages[i] for i in ctx.plan.source])],
+                     pa.bool_())
+    write_carry(out, stem, batch)
     n = batch.num_rows
     columns = {
         "stem": pa.array([stem] * n, pa.string()),
@@ -229,10 +233,8 @@ def slim_table(ctx: RunContext, out: OutputDir, stem: str, source: str, batch: p
         "read_error": pc.if_else(alive, pa.nulls(n, pa.string()), pa.scalar("-", pa.string())),
         "shard_total": pa.nulls(n, pa.int64()),
         "shard_error": pa.nulls(n, pa.string()),
+        "image": pc.if_else(alive, batch.column("image"), pa.nulls(n, batch.schema.field("image").type)),
     }
-    for name in [PIXELS, "decode_size"] if PIXELS in batch.column_names else ["image"]:
-        column = batch.column(name)
-        columns[name] = pc.if_else(alive, column, pa.nulls(n, column.type))
     for name, figures in timing.items():
         columns[SECONDS_PREFIX + name] = pa.array([figures["cpu_seconds"] / n] * n, pa.float64())
         columns[SAMPLES_PREFIX + name] = pa.array([figures["samples"] / n] * n, pa.float64())
@@ -248,24 +250,43 @@ def end_row(ctx: RunContext, stem: str, source: str, total: int | None = None, e
 # ------------------------------------------------------------------------------------------------ model steps
 
 def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
-    """One model stage over a slim table: it scores the samples that are alive and not dropped by an earlier
-    model stage, and books its CPU time to the rows it saw."""
+    """One model step over a slim table: make the model's inputs (decode the images still alive), score the
+    samples that are alive and not dropped by an earlier model stage, and book the CPU time to the rows seen.
+    The inputs are made here, on the actor, and never leave it: the first model step records the input
+    stages' annotations (decode errors are verdicts); later steps make the transient inputs again, for the
+    samples still alive only."""
     stages = ctx.stages()
-    earlier_models = [stages[i] for i in ctx.plan.models if i < index]
+    plan = ctx.plan
+    timer = StageTimer()
+    first = index == plan.models[0]
+    for position in plan.model_inputs:
+        stage = stages[position]
+        started = time.process_time()
+        if first:
+            table, _ = annotate_batch(table, stage, [stages[i] for i in plan.model_inputs if i < position])
+        else:
+            earlier = [stages[i] for i in plan.in_actors if i < index]
+            remade, _ = annotate_batch(table, stage, earlier)
+            for name in stage.transient_columns:
+                table = table.append_column(name, remade.column(name))
+        timer.add(stage.name, time.process_time() - started, 0)
     stage = stages[index]
     started = time.process_time()
-    table, annotated = annotate_batch(table, stage, earlier_models)
-    seconds = time.process_time() - started
+    table, _ = annotate_batch(table, stage, [stages[i] for i in plan.in_actors if i < index])
+    timer.add(stage.name, time.process_time() - started, 0)
+    transient = [name for i in plan.model_inputs for name in stages[i].transient_columns]
+    table = table.drop_columns([c for c in transient if c in table.column_names])
+    if index == plan.models[-1]:  # the sink needs scores, not images: they stop here
+        table = table.drop_columns(["image"])
     n = table.num_rows
-    column = SECONDS_PREFIX + stage.name
-    share = pa.array([seconds / n if n else 0.0] * n, pa.float64())
-    if column in table.column_names:
-        share = pc.add(table.column(column), share)
-        table = table.set_column(table.column_names.index(column), column, share)
-    else:
-        table = table.append_column(column, share)
-    if index == ctx.plan.models[-1]:  # the sink needs scores, not pixels: they stop here
-        table = table.drop_columns([c for c in MODEL_INPUTS if c in table.column_names])
+    for name, seconds in timer.seconds.items():
+        column = SECONDS_PREFIX + name
+        share = pa.array([seconds / n if n else 0.0] * n, pa.float64())
+        if column in table.column_names:
+            share = pc.add(table.column(column), share)
+            table = table.set_column(table.column_names.index(column), column, share)
+        else:
+            table = table.append_column(column, share)
     return table
 
 
@@ -318,7 +339,7 @@ def join_model_columns(carried: pa.Table, slim: pa.Table, stages: list[Stage], p
     if carried.column("position").cast(pa.int64()).to_pylist() != slim.column("position").to_pylist():
         raise ShardError("carried rows do not match the model results (positions differ)")
     table = carried
-    for index in plan.models:
+    for index in plan.in_actors:
         for name in stages[index].columns:
             if name in table.column_names:
                 table = table.drop_columns([name])
@@ -335,9 +356,9 @@ def join_model_columns(carried: pa.Table, slim: pa.Table, stages: list[Stage], p
 
 
 def annotated_counts(table: pa.Table, stages: list[Stage], plan: StepPlan) -> dict[str, int]:
-    """How many samples each model stage scored in this run of rows (for the per-stage timing record)."""
+    """How many samples each stage run by the actors annotated in this run of rows (for the timing record)."""
     return {stages[i].name: table.num_rows - table.column(next(iter(stages[i].columns))).null_count
-            for i in plan.models if stages[i].columns}
+            for i in plan.in_actors if stages[i].columns}
 
 
 # ------------------------------------------------------------------------------------------------- summaries

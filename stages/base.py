@@ -85,11 +85,6 @@ class Stage:
     def __init__(self, params: StageParams):
         self.params = params
 
-    def transient_bytes_per_sample(self) -> int:
-        """Bytes of transient columns this stage adds per sample (decoded pixels), so that the run can size the
-        batches it feeds to it; 0 for stages without transient columns."""
-        return 0
-
     def load(self) -> Any:
         """Load models or other heavy resources (model stages load once per actor); nothing by default."""
         return None

@@ -1,9 +1,11 @@
-"""Decoding the images that survived the cheap stages, for the model stages (a CPU stage of its own).
+"""Decoding the images that survived the cheap stages, for the model stages (run by the model actors).
 
 JPEGs are decoded in PIL's draft mode: the decoder scales by 1/2, 1/4 or 1/8 in the DCT domain to the smallest
 size that is still at least the requested one, so a 2400-pixel product photo is never decoded at full size for
 a 224-pixel model. The result (shorter side resized to ``size``, centre-cropped square, RGB, uint8) travels to the
-model stages in the transient ``pixels`` column, which is never written to manifests or shards.
+model stages in the transient ``pixels`` column, which is never written to manifests or shards. The stage runs
+inside each model actor, on the batch the actor is about to score (see ``pipeline.steps``): pixels never cross
+a process.
 
 Image bytes are hostile: the header's width x height is checked against ``max_pixels`` before any pixel is decoded
 (``models.imaging.open_bounded``), so a decompression bomb is a per-sample drop (``decode:too_many_pixels``),
@@ -62,9 +64,6 @@ class DecodeStage(Stage):
     columns = {"decode_error": pa.string(), "decode_size": pa.int32()}
     transient_columns = {PIXELS: pa.large_binary()}
     only_survivors = True
-
-    def transient_bytes_per_sample(self) -> int:
-        return 3 * self.params.size * self.params.size
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         pixels, errors = [], []

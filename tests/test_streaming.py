@@ -116,7 +116,10 @@ def test_cpu_stage_between_model_stages_is_a_config_error():
                                  {"stage": "capfilt"}]}, [])
     plan = StepPlan.of(parse_config({"stages": [{"stage": "html"}, {"stage": "decode"},
                                                 {"stage": "clip_score", "pretrained": "x.pt"}]}, []).stages)
-    assert plan.source == (0, 1) and plan.models == (2,) and plan.sink == ()
+    assert plan.source == (0,) and plan.model_inputs == (1,) and plan.models == (2,) and plan.sink == ()
+    with pytest.raises(ConfigError, match="move them before decode"):
+        parse_config({"stages": [{"stage": "decode"}, {"stage": "html"},
+                                 {"stage": "clip_score", "pretrained": "x.pt"}]}, [])
 
 
 def test_empty_shard_completes_with_no_samples(ray_cluster, tmp_path):
