@@ -10,6 +10,7 @@ import polars as pl
 
 from models.langid import ModelFileError
 from pipeline.config import ConfigError, load_config
+from pipeline.lease import LeaseError
 from pipeline.run import UsageError
 from pipeline.shards import InputError
 from pipeline.synth import NOISE_TYPES
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (ConfigError, InputError, ModelFileError, UsageError) as exc:
+    except (ConfigError, InputError, LeaseError, ModelFileError, UsageError) as exc:
         print(f"vlcurate: error: {printable(str(exc))}", file=sys.stderr)  # paths may come from listings
         return EXIT_USAGE
     except KeyboardInterrupt:

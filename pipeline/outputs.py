@@ -9,6 +9,7 @@ Layout of ``OUT``::
     _state/parts/{stem}/         work in progress: one part per run of consecutive samples (a tar fragment and
                                  its manifest rows, named by the first sample's position), and the rows carried
                                  past the model actors; joined into the shard's outputs, then removed
+    _state/lease.json            the lease of the one process writing the output (``pipeline.lease``)
     stats.json                   exact totals over all completed shards
     config.yaml                  the resolved configuration of the run
 

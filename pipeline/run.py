@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import yaml
 from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
 from pipeline.curate import apply_verdicts
 from pipeline.curate import stage_names as funnel_names
+from pipeline.lease import LEASE_PATH, OutputLease
 from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, ShardWriter, aggregate_stats, atomic_write_bytes,
                               atomic_write_json, commit_shard, manifest_bytes, parts_cover, shard_stats,
                               write_shard_failure)
@@ -72,28 +74,48 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def prepare_output(output: str | Path) -> OutputDir:
     """Create the output directory, or check that an existing one is a vlcurate output (or empty) before
-    touching anything in it; then remove what an interrupted run of ours left half-written."""
+    touching anything in it. Writing into it, cleanup included, waits for its lease: see ``claim_output``."""
     out = OutputDir(output)
     if out.root.is_symlink() and not out.root.exists():
         raise UsageError(f"output directory {out.root} is a dangling symbolic link: choose another --output")
     if out.root.exists():
         if not out.root.is_dir():
             raise UsageError(f"output {out.root} exists and is not a directory: choose another --output")
-        # Ours: a config.yaml and the _state folder (created before any config.yaml is written); a folder that
-        # merely holds some config.yaml is someone else's, and nothing in it may be created or removed.
-        is_output = (out.root / CONFIG_FILE).is_file() and out.state.is_dir() and not out.state.is_symlink()
-        if not is_output and any(out.root.iterdir()):
+        # Ours: the _state folder (created before anything else is written) with a config.yaml or a lease (a run
+        # that has just started); a folder that merely holds some config.yaml is someone else's, and nothing in
+        # it may be created or removed.
+        is_output = (out.state.is_dir() and not out.state.is_symlink()
+                     and ((out.root / CONFIG_FILE).is_file() or os.path.lexists(out.root / LEASE_PATH)))
+        if not is_output and not _only_empty_folders(out):
             raise UsageError(f"output directory {out.root} is not empty and holds no vlcurate output "
                              f"(no {CONFIG_FILE} and {out.state.name}/): choose a new or empty --output directory")
     try:
         out.create()
         probe = out.root / f".vlcurate-write-test{TMP_MARK}{os.urandom(6).hex()}"
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # the cleanup of a run holding the lease may have removed it already
     except OSError as exc:
         raise UsageError(f"output directory {out.root} is not writable ({exc.strerror}): choose another --output")
-    out.remove_temporary_files()
     return out
+
+
+def _only_empty_folders(out: OutputDir) -> bool:
+    """Nothing in the directory but the empty folders a run creates first (a run that has just started)."""
+    ours = {out.shards.name, out.manifests.name, out.state.name}
+    for entry in out.root.iterdir():
+        if entry.name not in ours or entry.is_symlink() or not entry.is_dir() or any(entry.iterdir()):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def claim_output(output: str | Path, purpose: str):
+    """``prepare_output``, then hold the output's lease (``pipeline.lease``) while the caller writes: a second
+    writer is refused. Once the lease is held, what an interrupted run left half-written is removed."""
+    out = prepare_output(output)
+    with OutputLease(out.root, purpose):
+        out.remove_temporary_files()
+        yield out
 
 
 def stage_names(config: CurationConfig) -> list[str]:
@@ -129,12 +151,18 @@ def _changed_settings(old: CurationConfig, new: CurationConfig) -> str:
 
 def run_curation(config: CurationConfig, inputs: list[str], output: str, address: str | None = None,
                  force: bool = False, progress: bool = True) -> RunResult:
-    """Curate every input shard not yet completed with this configuration; see ``pipeline.outputs``."""
+    """Curate every input shard not yet completed with this configuration; see ``pipeline.outputs``. The run
+    holds the output directory's lease from start to end."""
+    shards = expand_inputs(inputs)
+    with claim_output(output, "run --force" if force else "run") as out:
+        return _curate(config, shards, out, address, force, progress)
+
+
+def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str | None, force: bool,
+            progress: bool) -> RunResult:
     from pipeline.plan import build_plan
     from pipeline.steps import RunContext
 
-    shards = expand_inputs(inputs)
-    out = prepare_output(output)
     saved = saved_config(out)
     reselected = 0
     if saved is not None and not force:
@@ -300,19 +328,22 @@ def manifests_frame(output: str | Path) -> pl.LazyFrame:
 
 def select_thresholds(output: str, overrides: list[str]) -> dict:
     """Re-apply new thresholds from the manifests: verdicts, manifests, output shards and stats change; no stage
-    annotates again. Only settings listed in a stage's ``thresholds`` may change."""
-    current = load_saved_config(output)
-    new = load_saved_config(output, overrides)
-    if new.fingerprint() != current.fingerprint():
-        raise ConfigError(
-            f"select can only change thresholds, not {_changed_settings(current, new)}; thresholds are: "
-            + ", ".join(_threshold_keys(new.enabled_stages))
-            + ". Other settings change the scores: rerun 'vlcurate run ... --force' instead"
-        )
+    annotates again. Only settings listed in a stage's ``thresholds`` may change. Holds the output directory's
+    lease, as a run does."""
+    load_saved_config(output, overrides)  # a vlcurate output and valid settings, else nothing is touched
     out = OutputDir(output)
-    out.remove_temporary_files()
-    changed = reselect(out, new)
-    stats = write_stats(out, new)
+    with OutputLease(out.root, "select"):
+        current = load_saved_config(output)
+        new = load_saved_config(output, overrides)
+        if new.fingerprint() != current.fingerprint():
+            raise ConfigError(
+                f"select can only change thresholds, not {_changed_settings(current, new)}; thresholds are: "
+                + ", ".join(_threshold_keys(new.enabled_stages))
+                + ". Other settings change the scores: rerun 'vlcurate run ... --force' instead"
+            )
+        out.remove_temporary_files()
+        changed = reselect(out, new)
+        stats = write_stats(out, new)
     stats["shards_reselected"] = changed
     return stats
 
