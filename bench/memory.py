@@ -27,7 +27,8 @@ from throughput import FLICKR, replicate  # noqa: E402
 
 from models.tiny import TINY_CLIP, save_tiny_blip, save_tiny_clip  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
-from pipeline.run import init_ray, run_curation  # noqa: E402
+from pipeline.raystart import init_ray  # noqa: E402
+from pipeline.run import run_curation  # noqa: E402
 
 
 def main():

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.training import run_training  # noqa: E402
+from models.training.loop import run_training  # noqa: E402
 from pipeline.demo import run_demo  # noqa: E402
 from pipeline.quality import caption_truth, drop_quality, format_quality, joined  # noqa: E402
 from pipeline.synth import SynthOptions, write_synth  # noqa: E402

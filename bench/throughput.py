@@ -33,7 +33,8 @@ from machine import MIB, MachineMonitor  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.run import init_ray, run_curation  # noqa: E402
+from pipeline.raystart import init_ray  # noqa: E402
+from pipeline.run import run_curation  # noqa: E402
 from pipeline.shards import iter_sample_batches  # noqa: E402
 from stages.image_header import read_header  # noqa: E402
 

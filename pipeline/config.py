@@ -17,22 +17,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline.settings import ConfigError, build_params  # ConfigError is also imported from here
 from pipeline.shards import ReadParams
 from stages import STAGES, Stage, StageParams
 
 TOP_LEVEL_KEYS = {"name", "description", "read", "stages"}
 READ_SECTION = "read"  # how shards are read: batch bounds and member limits (``--set read.batch_samples=256``)
 DERIVED_KEYS = {"base", "set", "name", "description"}  # a recipe that starts from another one
-
-
-class ConfigError(ValueError):
-    """A configuration problem, described for a person (what is wrong and how to fix it)."""
 
 
 @dataclasses.dataclass
@@ -214,51 +210,3 @@ def _parse_stage(entry: dict, where: str) -> StageSpec:
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{where} ({name}): {exc}") from None
     return StageSpec(name=name, kind=kind, params=params)
-
-
-def build_params(params_cls: type, settings: dict[str, Any], where: str) -> StageParams:
-    fields = {f.name: f for f in dataclasses.fields(params_cls)}
-    unknown = set(settings) - set(fields)
-    if unknown:
-        raise ConfigError(f"{where}: unknown setting(s) {sorted(unknown)}; known settings: {sorted(fields)}")
-    hints = typing.get_type_hints(params_cls)
-    values = {}
-    for key, value in settings.items():
-        values[key] = _check_type(value, hints[key], f"{where}: {key}")
-    if isinstance(values.get("rules"), dict):
-        # Rule switches merge into the defaults: naming one rule does not switch the others off.
-        default = _field_default(fields["rules"])
-        values["rules"] = {**default, **values["rules"]}
-    return params_cls(**values)
-
-
-def _field_default(field: dataclasses.Field) -> Any:
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
-
-
-def _check_type(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        value = float(value)
-    elif hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-    elif origin is list:
-        (item_hint,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        value = [_check_type(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        _, item_hint = typing.get_args(hint)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        value = {str(k): _check_type(v, item_hint, f"{where}.{k}") for k, v in value.items()}
-    return value

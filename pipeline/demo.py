@@ -12,11 +12,12 @@ import json
 import time
 from pathlib import Path
 
-from models.training import run_training
+from models.training.loop import run_training
 from pipeline.config import load_config
 from pipeline.quality import caption_truth, drop_quality, format_quality, joined
 from pipeline.report import write_report
-from pipeline.run import init_ray, run_curation
+from pipeline.raystart import init_ray
+from pipeline.run import run_curation
 from pipeline.synth import SynthOptions, default_noise, write_synth
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -87,7 +88,7 @@ def run_demo(output: str, quick: bool = False, address: str | None = None) -> di
     run_training("diffusion", str(CONFIGS / "train-diffusion-tiny.yaml"), str(final_out / "shards"), str(diffusion),
                  [f"model.text_encoder={trained['clip'] / 'export'}", f"train.max_steps={size.diffusion_steps}",
                   f"train.checkpoint_every={max(10, size.diffusion_steps // 2)}"])
-    from models.trainers import sample_images
+    from models.diffusion import sample_images
 
     samples = root / "samples"
     samples.mkdir(exist_ok=True)

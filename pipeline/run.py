@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import sys
@@ -24,10 +23,10 @@ from pipeline.lease import LEASE_PATH, OutputLease
 from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, ShardWriter, aggregate_stats, atomic_write_bytes,
                               atomic_write_json, commit_shard, manifest_bytes, parts_cover, shard_stats,
                               write_shard_failure)
+from pipeline.raystart import init_ray
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
 
 CONFIG_FILE = "config.yaml"
-OBJECT_STORE_SHARE = 0.05
 STATS_FILE = "stats.json"
 
 
@@ -49,27 +48,6 @@ class RunResult:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start Ray locally (on ``num_cpus``, default all); quiet Ray
-    Data's own output."""
-    import ray
-    import ray.data  # configures Ray Data's loggers on import: adjust them afterwards
-
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the driver shows one bar of its own, per shard
-    context.print_on_execution_start = False
-    # Blocks waiting between steps (decoded pixels before a slow model pool) may use this share of the cluster's
-    # object store; beyond it Ray Data holds the producing step back. Ray's default (half) lets a fast source
-    # step park gigabytes of pixels in front of the model actors.
-    context.override_object_store_memory_limit_fraction = OBJECT_STORE_SHARE
 
 
 def prepare_output(output: str | Path) -> OutputDir:

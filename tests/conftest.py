@@ -26,7 +26,7 @@ def require(path: Path) -> Path:
 def ray_cluster():
     import ray
 
-    from pipeline.run import init_ray
+    from pipeline.raystart import init_ray
 
     init_ray(num_cpus=2)  # vlcurate's own start-up, as the CLI does it, on two CPUs
     yield

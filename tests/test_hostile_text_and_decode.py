@@ -217,8 +217,9 @@ def test_a_bomb_is_refused_everywhere_pixels_are_decoded_without_allocating(bomb
         from PIL import Image
         sys.path.insert(0, {str(ROOT)!r})
         from models.imaging import ImageTooLarge
-        from models.training import _preprocess, load_train_config
-        from models.trainers import ClipTask, open_image
+        from models.training.clip import ClipTask
+        from models.training.data import open_image, preprocess_block
+        from models.training.recipe import load_train_config
         from pipeline.report import _thumbnail
         from stages.image_decode import decode_square
 
@@ -242,7 +243,7 @@ def test_a_bomb_is_refused_everywhere_pixels_are_decoded_without_allocating(bomb
         refused("report", lambda: _thumbnail(bomb))
         refused("training", lambda: open_image(bomb) and "decoded")
         good = {_png((64, 64))!r}
-        prepared = _preprocess({{"jpg": np.array([bomb, good], dtype=object),
+        prepared = preprocess_block({{"jpg": np.array([bomb, good], dtype=object),
                                  "txt": np.array([b"a bomb", b"a red square"], dtype=object)}}, task)
         results["training_batch_rows"] = len(prepared["tokens"])
         results["peak_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
@@ -274,7 +275,7 @@ def test_training_state_loads_tensors_and_never_runs_code(tmp_path):
     import torch
     from diffusers.training_utils import EMAModel
 
-    from models.training import load_state
+    from models.training.loop import load_state
 
     module = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
@@ -301,7 +302,7 @@ def test_training_state_loads_tensors_and_never_runs_code(tmp_path):
 
 
 def test_held_out_samples_skip_links_and_oversized_members(tmp_path, monkeypatch):
-    from models import training
+    from models.training import data
 
     shard = write_tar(tmp_path / "eval.tar", [("a.jpg", _png((8, 8))), ("a.txt", b"a red square"),
                                               ("b.jpg", b"x" * 500), ("b.txt", b"too large")])
@@ -310,6 +311,6 @@ def test_held_out_samples_skip_links_and_oversized_members(tmp_path, monkeypatch
         link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
         archive.addfile(link)
         archive.addfile(tarfile.TarInfo("c.txt"), io.BytesIO(b""))
-    monkeypatch.setattr(training, "MAX_MEMBER_BYTES", 100)
-    samples = training.read_samples([str(shard)])
+    monkeypatch.setattr(data, "MAX_MEMBER_BYTES", 100)
+    samples = data.read_samples([str(shard)])
     assert samples["txt"] == [b"a red square"] and len(samples["jpg"]) == 1

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import ROOT, photos_and_captions
 from helpers import curate
-from models.training import run_training
+from models.training.loop import run_training
 from pipeline.synth import SynthOptions, write_synth
 
 CONFIGS = ROOT / "configs"

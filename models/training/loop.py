@@ -1,4 +1,4 @@
-"""One trainer framework for the built-in models (CLIP, BLIP captioner, BLIP ITM filter, diffusion) on Ray Train.
+"""The training loop on Ray Train, shared by every task, and ``run_training``, which starts it.
 
 Data: the curated output shards are read with Ray Data (``read_webdataset``, raw bytes), decoded and augmented
 by the task's ``preprocess`` on CPU workers, and fed to ``TorchTrainer`` workers through
@@ -18,144 +18,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from models.devices import autocast_context
+from models.training import task_class
+from models.training.data import preprocess_block, read_samples, split_shards
+from models.training.recipe import load_train_config
+from models.training.task import TrainSettings, TrainTask
 
-
-@dataclasses.dataclass
-class TrainSettings:
-    num_workers: int = 1  # Ray Train workers (one per GPU when use_gpu)
-    use_gpu: bool = False
-    batch_size: int = 32  # per worker and micro-step
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    max_steps: int = 200  # optimizer steps
-    grad_clip: float = 1.0
-    grad_accum: int = 1
-    precision: str = "bf16"  # autocast dtype on GPU; float32 on CPU
-    grad_checkpointing: bool = False
-    seed: int = 0
-    checkpoint_every: int = 50
-    log_every: int = 10
-    keep_checkpoints: int = 2
-    max_failures: int = 2  # worker losses tolerated (FailureConfig)
-    eval_shards: int = 0  # input shards held out for evaluation (the last ones, in name order)
-    shuffle_buffer: int = 512
-
-
-class TrainTask:
-    """What differs between models: settings, preprocessing, the loss module, evaluation and export."""
-
-    name: ClassVar[str]
-    Settings: ClassVar[type]
-
-    def __init__(self, settings: Any, train: TrainSettings, output: Path):
-        self.settings, self.train, self.output = settings, train, output
-
-    def prepare(self, train_shards: list[str]) -> None:
-        """Driver-side, once, before training (e.g. building a tokenizer from the training captions)."""
-
-    def preprocess(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """CPU: raw shard columns (``image`` bytes, ``caption`` str) to the arrays the model reads."""
-        raise NotImplementedError
-
-    def build(self) -> torch.nn.Module:
-        """A module whose ``forward(batch)`` returns ``(loss, {metric: value})``."""
-        raise NotImplementedError
-
-    def parameters(self, module: torch.nn.Module):
-        return [p for p in module.parameters() if p.requires_grad]
-
-    def enable_grad_checkpointing(self, module: torch.nn.Module) -> None:
-        raise NotImplementedError(f"{self.name} has no gradient checkpointing switch")
-
-    def after_step(self, module: torch.nn.Module) -> None:
-        """Called after every optimizer step (EMA updates)."""
-
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    def evaluate(self, module: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        return {}
-
-    def export(self, module: torch.nn.Module, directory: Path) -> None:
-        raise NotImplementedError
-
-
-# ---- data -------------------------------------------------------------------------------------------------------
-
-IMAGE_COLUMNS = ("jpg", "jpeg", "png", "webp")
-
-
-def raw_columns(batch: dict[str, np.ndarray]) -> tuple[list[bytes], list[str]]:
-    """Image bytes and captions of a ``read_webdataset(decoder=None)`` batch (or a shard table's columns)."""
-    images = None
-    for name in IMAGE_COLUMNS:
-        if name in batch:
-            column = list(batch[name])
-            images = column if images is None else [a if a is not None else b for a, b in zip(images, column)]
-    captions = [c.decode("utf-8") if isinstance(c, (bytes, bytearray)) else str(c) for c in batch["txt"]]
-    return images, captions
-
-
-def split_shards(data: str, eval_shards: int) -> tuple[list[str], list[str]]:
-    from pipeline.shards import expand_inputs
-
-    # Absolute paths: Ray workers do not run in the driver's working directory.
-    shards = [s.url if "://" in s.url else os.path.abspath(s.url) for s in expand_inputs([data])]
-    if eval_shards and eval_shards >= len(shards):
-        raise ValueError(f"eval_shards={eval_shards} leaves no training shard out of {len(shards)}")
-    cut = len(shards) - eval_shards
-    return shards[:cut], shards[cut:]
-
-
-# Members larger than this are skipped unread (the shard reader's default image limit).
-MAX_MEMBER_BYTES = 32 * 2**20
-
-
-def read_samples(shards: list[str]) -> dict[str, list]:
-    """Every sample of some (small, held-out) shards, in the layout ``preprocess`` reads. Shards are untrusted:
-    plain (uncompressed) tar only, and members that are not regular files or are too large are skipped."""
-    import tarfile
-
-    columns: dict[str, list] = {"jpg": [], "txt": []}
-    for shard in shards:
-        current: dict[str, bytes] = {}
-        with tarfile.open(shard, mode="r:") as archive:
-            for member in archive:
-                if not member.isfile() or member.size > MAX_MEMBER_BYTES:
-                    continue
-                key, _, suffix = member.name.partition(".")
-                if current and current.get("__key__") != key:
-                    _flush(current, columns)
-                    current = {}
-                current["__key__"] = key
-                current[suffix] = archive.extractfile(member).read()
-        _flush(current, columns)
-    return columns
-
-
-def _flush(sample: dict, columns: dict[str, list]) -> None:
-    image = next((sample[e] for e in IMAGE_COLUMNS if e in sample), None)
-    if image is not None and "txt" in sample:
-        columns["jpg"].append(image)
-        columns["txt"].append(sample["txt"])
-
-
-# ---- the loop ----------------------------------------------------------------------------------------------------
+STATE_FILE = "state.pt"
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -171,9 +48,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-STATE_FILE = "state.pt"
-
-
 def load_state(path: Path, device: torch.device | str = "cpu") -> dict:
     """A checkpoint's training state (model, optimizer, scheduler, task extras, step). Tensors, containers and
     plain values only (``weights_only``): loading a checkpoint never runs code, whoever wrote the file."""
@@ -184,11 +58,9 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from models import trainers  # noqa: F401 - registers the tasks in this worker process
-
-    task_class = TASKS[config["task"]]
+    task_cls = task_class(config["task"])
     train = TrainSettings(**config["train"])
-    task = task_class(task_class.Settings(**config["model"]), train, Path(config["output"]))
+    task = task_cls(task_cls.Settings(**config["model"]), train, Path(config["output"]))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(train.seed + rank)
@@ -265,7 +137,6 @@ def train_loop_per_worker(config: dict) -> None:
         final = {"step": step, "final": True, **task.evaluate(inner, _eval_batches(task, config, device))}
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(final) + "\n")
-        print(f"[{task.name}] " + json.dumps(final), flush=True)
         task.export(inner, Path(config["output"]) / "export")
 
 
@@ -276,8 +147,6 @@ def _report(metrics, task, inner, optimizer, scheduler, step, rank, train, metri
     if rank == 0:
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(metrics) + "\n")
-        print(f"[{task.name}] step {step}/{train.max_steps} " + " ".join(
-            f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"), flush=True)
         if writer is not None:
             for name, value in metrics.items():
                 writer.add_scalar(name, value, step)
@@ -296,10 +165,55 @@ def _eval_batches(task: TrainTask, config: dict, device) -> list[dict[str, torch
     if not shards:
         return []
     # Per-sample: an undecodable or too large held-out image is skipped, not the evaluation.
-    prepared = _preprocess({k: np.array(v, dtype=object) for k, v in read_samples(shards).items()}, task)
+    prepared = preprocess_block({k: np.array(v, dtype=object) for k, v in read_samples(shards).items()}, task)
     size = task.train.batch_size
     total = len(next(iter(prepared.values())))
     return [{k: torch.as_tensor(v[i:i + size]).to(device) for k, v in prepared.items()} for i in range(0, total, size)]
+
+
+class MetricsFollower:
+    """Prints the training progress on the driver, one line per step logged, from the metrics file rank 0
+    appends to: the train workers' own output stays in Ray's log files (``pipeline.quiet``)."""
+
+    def __init__(self, path: Path, task_name: str, max_steps: int, interval: float = 0.5):
+        import threading
+
+        self.path, self.task_name, self.max_steps, self.interval = path, task_name, max_steps, interval
+        self._offset = path.stat().st_size if path.is_file() else 0  # a resumed run: only new lines
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="vlcurate-metrics", daemon=True)
+
+    def __enter__(self) -> "MetricsFollower":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._print_new_lines()
+
+    def _follow(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._print_new_lines()
+
+    def _print_new_lines(self) -> None:
+        if not self.path.is_file():
+            return
+        with self.path.open("rb") as handle:
+            handle.seek(self._offset)
+            data = handle.read()
+        complete = data[:data.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        for line in complete.decode("utf-8", "replace").splitlines():
+            try:
+                metrics = json.loads(line)
+            except ValueError:
+                continue
+            if metrics.get("final"):  # the command prints the final evaluation itself
+                continue
+            figures = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                               for k, v in metrics.items() if k != "step")
+            print(f"[{self.task_name}] step {metrics.get('step', '?')}/{self.max_steps} {figures}", flush=True)
 
 
 def _tensorboard(output: Path):
@@ -310,16 +224,6 @@ def _tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
-# ---- driver -----------------------------------------------------------------------------------------------------
-
-TASKS: dict[str, type[TrainTask]] = {}
-
-
-def register(task_class: type[TrainTask]) -> type[TrainTask]:
-    TASKS[task_class.name] = task_class
-    return task_class
-
-
 def run_training(task_name: str, config_path: str, data: str, output: str, overrides: list[str] | None = None,
                  address: str | None = None) -> dict:
     """Train ``task_name`` on the curated shards in ``data``; rerunning the same command resumes."""
@@ -327,21 +231,20 @@ def run_training(task_name: str, config_path: str, data: str, output: str, overr
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from models import trainers  # noqa: F401 - registers the tasks
-    from pipeline.run import init_ray
+    from pipeline.raystart import init_ray
 
-    task_class = TASKS[task_name]
-    model_settings, train = load_train_config(task_class, config_path, overrides or [])
+    task_cls = task_class(task_name)
+    model_settings, train = load_train_config(task_cls, config_path, overrides or [])
     output_path = Path(output).resolve()
     output_path.mkdir(parents=True, exist_ok=True)
     train_shards, eval_shards = split_shards(data, train.eval_shards)
-    task = task_class(model_settings, train, output_path)
+    task = task_cls(model_settings, train, output_path)
     task.prepare(train_shards)
     init_ray(address)
     dataset = ray.data.read_webdataset(train_shards, decoder=None)
     # Tasks, not an actor pool: a pool would hold its CPUs for the whole run, and with the train workers holding
     # theirs the reads could starve on a small machine.
-    dataset = dataset.map_batches(_preprocess, fn_kwargs={"task": task}, batch_format="numpy", batch_size=256)
+    dataset = dataset.map_batches(preprocess_block, fn_kwargs={"task": task}, batch_format="numpy", batch_size=256)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"task": task_name, "train": dataclasses.asdict(train),
@@ -354,62 +257,7 @@ def run_training(task_name: str, config_path: str, data: str, output: str, overr
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints)),
         datasets={"train": dataset},
     )
-    result = trainer.fit()
+    with MetricsFollower(output_path / "metrics.jsonl", task_name, train.max_steps):
+        result = trainer.fit()
     lines = [json.loads(line) for line in (output_path / "metrics.jsonl").read_text().splitlines()]
     return {"metrics": result.metrics, "final": lines[-1], "export": str(output_path / "export")}
-
-
-def _preprocess(batch: dict[str, np.ndarray], task: TrainTask) -> dict[str, np.ndarray]:
-    """Ray Data UDF: the task's CPU preprocessing (decode, augment, tokenise). A sample that cannot be prepared
-    (an undecodable image in uncurated data) is skipped, never the whole block."""
-    try:
-        return task.preprocess(batch)
-    except Exception:  # noqa: BLE001 - find the bad samples below
-        pass
-    rows = len(batch["txt"])
-    prepared = []
-    for i in range(rows):
-        try:
-            prepared.append(task.preprocess({k: v[i:i + 1] for k, v in batch.items()}))
-        except Exception:  # noqa: BLE001 - skipped sample
-            continue
-    if not prepared:
-        raise ValueError(f"none of {rows} samples in a block could be prepared for training")
-    return {k: np.concatenate([p[k] for p in prepared]) for k in prepared[0]}
-
-
-LOCAL_PATH_SETTINGS = ("text_encoder", "vae", "init", "pretrained")
-
-
-def load_train_config(task_class: type[TrainTask], config_path: str, overrides: list[str]):
-    """A training recipe: ``train:`` (TrainSettings) and ``model:`` (the task's settings); --set train.KEY=V."""
-    import yaml
-
-    from pipeline.config import ConfigError, build_params
-
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"training config {path} does not exist: see configs/train-*.yaml")
-    raw = yaml.safe_load(path.read_text()) or {}
-    unknown = set(raw) - {"task", "train", "model"}
-    if unknown:
-        raise ConfigError(f"{path}: unknown top-level key(s) {sorted(unknown)}; known: task, train, model")
-    if raw.get("task", task_class.name) != task_class.name:
-        raise ConfigError(f"{path} is a '{raw['task']}' recipe, not '{task_class.name}'")
-    sections = {"train": dict(raw.get("train") or {}), "model": dict(raw.get("model") or {})}
-    for override in overrides:
-        key, sep, value = override.partition("=")
-        section, _, name = key.partition(".")
-        if not sep or section not in sections or not name:
-            raise ConfigError(f"--set {override!r}: expected train.KEY=VALUE or model.KEY=VALUE")
-        sections["model" if section == "model" else "train"][name] = yaml.safe_load(value)
-    for name in LOCAL_PATH_SETTINGS:  # Ray workers do not run in the driver's working directory
-        value = sections["model"].get(name)
-        if isinstance(value, str) and value and Path(value).exists():
-            sections["model"][name] = str(Path(value).resolve())
-    train = build_params(TrainSettings, sections["train"], f"{path}: train")
-    model = build_params(task_class.Settings, sections["model"], f"{path}: model")
-    if train.precision not in ("bf16", "fp16", "fp32"):
-        raise ConfigError(f"{path}: train.precision must be bf16, fp16 or fp32")
-    return model, train
-
