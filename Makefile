@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= out/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(BIN)/vlcurate: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q tests
+
+# The edit-test loop: everything but training, the browser, extra clusters and long end-to-end runs.
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 clean:
 	rm -rf out

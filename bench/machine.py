@@ -1,6 +1,7 @@
 """Measuring a run from outside: machine memory in use above idle, and peak memory per Ray worker.
 
-Machine memory is ``total - available`` (psutil), sampled every 50 ms: it counts Ray's object store (shared
+Machine memory is ``total - available`` (psutil), sampled every 50 ms (the process tree's PSS every second:
+reading every process's memory map is costly and would steal CPU from the run it measures): it counts Ray's object store (shared
 memory) once, where summed RSS would count every mapping of it again. Beside it, the proportional set size (PSS)
 summed over this process and its descendants (with a local Ray: the raylet, the object store, every worker):
 shared pages are split between the processes that map them, so the sum also counts the object store once, and
@@ -40,8 +41,8 @@ def tree_pss_by_process() -> dict[str, int]:
 class MachineMonitor:
     """Peak machine memory above the level measured at start, and peak RSS of each Ray worker process."""
 
-    def __init__(self, interval: float = 0.05):
-        self.interval = interval
+    def __init__(self, interval: float = 0.05, tree_interval: float = 1.0):
+        self.interval, self.tree_interval = interval, tree_interval
         self.idle = memory_in_use()
         self.peak = self.idle
         self.tree_idle = tree_pss()
@@ -52,8 +53,13 @@ class MachineMonitor:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self):
+        tree_due = 0.0
         while not self._stop.is_set():
             self.peak = max(self.peak, memory_in_use())
+            if time.monotonic() < tree_due:
+                time.sleep(self.interval)
+                continue
+            tree_due = time.monotonic() + self.tree_interval
             sizes = tree_pss_by_process()
             if sum(sizes.values()) > self.tree_peak:
                 self.tree_peak, self.tree_at_peak = sum(sizes.values()), sizes

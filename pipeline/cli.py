@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import polars as pl
@@ -11,6 +12,7 @@ import polars as pl
 from models.langid import ModelFileError
 from pipeline.config import ConfigError, load_config
 from pipeline.lease import LeaseError
+from pipeline.quiet import VERBOSE_ENV, RayLinesFiltered
 from pipeline.run import UsageError
 from pipeline.shards import InputError
 from pipeline.synth import NOISE_TYPES
@@ -21,8 +23,11 @@ EXIT_USAGE = 2
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     try:
-        return args.handler(args)
+        with RayLinesFiltered():
+            return args.handler(args)
     except (ConfigError, InputError, LeaseError, ModelFileError, UsageError) as exc:
         print(f"vlcurate: error: {printable(str(exc))}", file=sys.stderr)  # paths may come from listings
         return EXIT_USAGE
@@ -33,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlcurate", description="Curate image-text WebDataset shards on Ray.")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help=f"also show Ray's own log lines and workers' output (or set {VERBOSE_ENV}=1)")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="curate shards with a recipe")
@@ -129,7 +136,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from models.training import run_training
+    from models.training.loop import run_training
 
     result = run_training(args.task, args.config, args.data, args.output, args.overrides, args.address)
     final = {k: v for k, v in result["final"].items() if k != "final"}
@@ -142,7 +149,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     from pathlib import Path
 
-    from models.trainers import sample_images
+    from models.diffusion import sample_images
 
     if not (Path(args.model) / "vlcurate_diffusion.json").is_file():
         raise ConfigError(f"{args.model} is not a diffusion export (no vlcurate_diffusion.json): pass "

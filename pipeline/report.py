@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.outputs import OutputDir
-from pipeline.run import load_saved_config, manifests_frame
+from pipeline.run import load_saved_config, manifests_frame, resolve_top_fractions
 from pipeline.shards import read_shard
 
 # Score column -> (stage, threshold setting, which side fails)
@@ -81,13 +81,21 @@ def funnel_figure(stats: dict):
     return png
 
 
-def score_figure(values: list[float], column: str, threshold: float | None, side: str):
+def cutoff_label(params, setting: str, applied: float, side: str) -> str:
+    """What the marked line is and which rule set it: a fixed threshold, or the cutoff of a top fraction."""
+    fraction = getattr(params, "top_fraction", 0.0)
+    if fraction and applied > getattr(params, setting):
+        return f"cutoff {applied:.4g}: top_fraction {fraction:g} kept ({side} fails)"
+    return f"{setting} {applied:g} ({side} fails)"
+
+
+def score_figure(values: list[float], column: str, cutoff: float | None, label: str):
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(4.2, 2.8))
     axis.hist(values, bins=40, color="#5b7db1")
-    if threshold is not None:
-        axis.axvline(threshold, color="#d9534f", linestyle="--", label=f"threshold {threshold:g} ({side} fails)")
+    if cutoff is not None:
+        axis.axvline(cutoff, color="#d9534f", linestyle="--", label=label)
         axis.legend(fontsize=7)
     axis.set_title(column)
     axis.set_ylabel("samples")
@@ -120,14 +128,16 @@ def write_report(output: str, training: list[str] | None = None, samples: str | 
     folder = out.root / "report"
     folder.mkdir(exist_ok=True)
     figures: list[tuple[str, str, bytes]] = [("funnel", "Funnel per stage", funnel_figure(stats))]
-    params = {s.name: s.params for s in config.enabled_stages}
+    declared = {s.name: s.params for s in config.enabled_stages}
+    applied = {s.name: s.params for s in resolve_top_fractions(out, [s.build() for s in config.enabled_stages])}
     for column, (stage, setting, side) in SCORES.items():
-        if column not in frame.columns or stage not in params:
+        if column not in frame.columns or stage not in declared:
             continue
         values = frame[column].drop_nulls().cast(pl.Float64).to_list()
         if values:
-            threshold = getattr(params[stage], setting, None)
-            figures.append((column, f"{column} ({len(values)} scored)", score_figure(values, column, threshold, side)))
+            cutoff = getattr(applied[stage], setting, None)
+            label = cutoff_label(declared[stage], setting, cutoff, side) if cutoff is not None else ""
+            figures.append((column, f"{column} ({len(values)} scored)", score_figure(values, column, cutoff, label)))
     for training_dir in training or []:
         metrics_path = Path(training_dir) / "metrics.jsonl"
         if metrics_path.is_file():

@@ -39,6 +39,7 @@ def demo(ray_cluster, tmp_path_factory):
     return folder, quality
 
 
+@pytest.mark.slow
 def test_quick_demo_runs_the_whole_loop(demo):
     folder, quality = demo
     for task in ("clip", "blip-captioner", "blip-itm", "diffusion"):
@@ -55,6 +56,7 @@ def test_quick_demo_runs_the_whole_loop(demo):
     assert rules["html"]["dropped_share"] < 0.2 and rules["patterns"]["dropped_share"] < 0.5
 
 
+@pytest.mark.slow
 def test_report_loads_every_figure_and_image_in_chromium(demo, tmp_path):
     folder, _ = demo
     page = folder / "curated" / "report" / "index.html"
@@ -62,3 +64,13 @@ def test_report_loads_every_figure_and_image_in_chromium(demo, tmp_path):
     assert int(body["figures"]) >= 6  # funnel, score histograms, loss curves
     assert int(body["images"]) > 20 and body["loaded"] == body["images"]
     assert (folder / "curated" / "report" / "funnel.png").is_file()
+
+
+def test_report_marks_the_cutoff_actually_applied():
+    from pipeline.report import cutoff_label
+    from stages.model_scores import ClipScoreParams
+
+    by_fraction = ClipScoreParams(threshold=-1.0, top_fraction=0.9)
+    assert cutoff_label(by_fraction, "threshold", 0.2314, "below") == "cutoff 0.2314: top_fraction 0.9 kept (below fails)"
+    fixed = ClipScoreParams(threshold=0.28)
+    assert cutoff_label(fixed, "threshold", 0.28, "below") == "threshold 0.28 (below fails)"
