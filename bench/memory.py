@@ -46,7 +46,7 @@ def main():
         overrides = [f"decode.size={args.decode_size}", f"clip_score.model={TINY_CLIP}",
                      f"clip_score.pretrained={clip['checkpoint']}", f"clip_score.model_config={clip['model_config']}",
                      "clip_score.image_size=32", "capfilt.image_size=32", f"capfilt.captioner={blip['captioner']}",
-                     f"capfilt.filter={blip['filter']}", "clip_score.num_gpus=0", "capfilt.num_gpus=0"]
+                     f"capfilt.filter={blip['filter']}", "clip_score.resources.num_gpus=0", "capfilt.resources.num_gpus=0"]
         config = load_config(ROOT / "configs" / "demo.yaml", overrides)
         corpora = []
         for layout in args.layouts:

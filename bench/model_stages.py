@@ -42,8 +42,8 @@ def main():
     stages = [
         {"stage": "decode", "size": 224},
         {"stage": "clip_score", "model": TINY_CLIP, "pretrained": clip["checkpoint"], "model_config": clip["model_config"],
-         "num_gpus": 0, "batch_size": 64},
-        {"stage": "capfilt", "captioner": blip["captioner"], "filter": blip["filter"], "num_gpus": 0, "batch_size": 32,
+         "resources": {"num_gpus": 0, "batch_size": 64}},
+        {"stage": "capfilt", "captioner": blip["captioner"], "filter": blip["filter"], "resources": {"num_gpus": 0, "batch_size": 32},
          "num_captions": 3, "max_length": 20, "itm_threshold": 0.0},
     ]
     built = [spec.build() for spec in parse_config({"stages": stages}, []).stages]

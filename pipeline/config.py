@@ -7,9 +7,13 @@ A recipe names its stages in the order they run::
       - stage: html
       - stage: length
         min_words: 2
+      - stage: clip_score
+        precision: bf16
+        resources: {num_gpus: 0.5, pool_size: 2, batch_size: 256}
 
-Every key is checked against the stage's settings, so a typo is an error naming the known keys rather than a
-silently ignored setting.
+A stage's settings say what it computes (all fingerprinted but its thresholds); its ``resources`` block says how
+Ray runs it (CPUs, GPUs, pool size, batch size, device) and is never fingerprinted. Every key is checked against
+the stage's settings, so a typo is an error naming the known keys rather than a silently ignored setting.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ import yaml
 
 from pipeline.settings import ConfigError, build_params  # ConfigError is also imported from here
 from pipeline.shards import ReadParams
-from stages import STAGES, Stage, StageParams
+from stages import STAGES, Stage, StageParams, StageResources
 
 TOP_LEVEL_KEYS = {"name", "description", "read", "stages"}
+RESOURCES = "resources"  # a stage's block of how Ray runs it (``--set clip_score.resources.num_gpus=0``)
 READ_SECTION = "read"  # how shards are read: batch bounds and member limits (``--set read.batch_samples=256``)
 DERIVED_KEYS = {"base", "set", "name", "description"}  # a recipe that starts from another one
 
@@ -36,13 +41,16 @@ class StageSpec:
     name: str  # unique within the recipe; also the prefix of --set keys
     kind: str  # key of STAGES
     params: StageParams
+    resources: StageResources = dataclasses.field(default_factory=StageResources)
 
     @property
     def stage_class(self) -> type[Stage]:
         return STAGES[self.kind]
 
     def build(self) -> Stage:
-        return self.stage_class(self.params)
+        stage = self.stage_class(self.params)
+        stage.resources = self.resources
+        return stage
 
 
 @dataclasses.dataclass
@@ -73,6 +81,7 @@ class CurationConfig:
             if spec.name != spec.kind:
                 entry["name"] = spec.name
             entry.update(dataclasses.asdict(spec.params))
+            entry[RESOURCES] = dataclasses.asdict(spec.resources)
             stages.append(entry)
         return {"name": self.name, "description": self.description, "read": dataclasses.asdict(self.read),
                 "stages": stages}
@@ -176,7 +185,7 @@ def _apply_override(raw: dict, names: list[str], override: str, source: str) -> 
     for part in parts[1:-1]:
         nested = target.get(part)
         if nested is None:
-            nested = _default_of(target, part)
+            nested = {} if part == RESOURCES else _default_of(target, part)
         if not isinstance(nested, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a mapping")
         target[part] = nested = dict(nested)
@@ -203,10 +212,20 @@ def _parse_stage(entry: dict, where: str) -> StageSpec:
         raise ConfigError(f"{where}: unknown stage {kind!r}; known stages: {sorted(STAGES)}")
     cls = STAGES[kind]
     name = str(entry.get("name", kind))
-    settings = {k: v for k, v in entry.items() if k not in ("stage", "name")}
+    settings = {k: v for k, v in entry.items() if k not in ("stage", "name", RESOURCES)}
+    moved = sorted(set(settings) & {f.name for f in dataclasses.fields(cls.Resources)})
+    if moved:
+        raise ConfigError(
+            f"{where} ({name}): {moved} say how Ray runs the stage: put them in its '{RESOURCES}' block "
+            f"({RESOURCES}: {{{moved[0]}: ...}}, or --set {name}.{RESOURCES}.{moved[0]}=...)"
+        )
     params = build_params(cls.Params, settings, f"{where} ({name})")
+    block = entry.get(RESOURCES) or {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where} ({name}): '{RESOURCES}' must be a mapping, e.g. {RESOURCES}: {{num_cpus: 2}}")
+    resources = build_params(cls.Resources, block, f"{where} ({name}) {RESOURCES}")
     try:
         cls(params)  # constructing validates cross-field settings (e.g. rule names) early, on the driver
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{where} ({name}): {exc}") from None
-    return StageSpec(name=name, kind=kind, params=params)
+    return StageSpec(name=name, kind=kind, params=params, resources=resources)

@@ -58,7 +58,6 @@ def write_results(table: pa.Table, ctx: RunContext) -> pa.Table:
     return _summary_table(write_model_results(ctx, table))
 
 
-SOURCE_CPUS = 1.0  # a source task reads, parses and annotates: one core
 SINK_CPUS = 0.5  # a sink task joins, judges and writes: mostly I/O
 # Model recipes move decoded pixels: their workers free batch after batch of large buffers. glibc raises its mmap
 # threshold after each large free, so later buffers come from the heap and freed memory stays with the process; a
@@ -69,12 +68,18 @@ TASKS_PER_CPU = 4  # shards are grouped into this many source tasks per CPU of t
 SOURCE_BATCHES_HELD = 4  # memory a source task reserves, in batches (read, annotated, carried, slim)
 
 
+def source_cpus(ctx: RunContext) -> float:
+    """CPUs a source task reserves: the CPU stages run together in it, so the largest ``num_cpus`` among them
+    (below 1, more tasks than cores run at once, which hides their waits on file reads and writes)."""
+    return max((ctx.specs[i].resources.num_cpus for i in ctx.plan.source), default=1.0)
+
+
 def actor_cpus(ctx: RunContext, cluster_cpus: float) -> dict[int, float]:
     """CPUs each model actor reserves: its ``num_cpus``, scaled down when the pools together would leave no CPU
     for the source and sink tasks (the pools would then wait forever for rows that no task can produce)."""
-    wanted = {i: ctx.specs[i].params.num_cpus for i in ctx.plan.models}
-    reserved = sum(cpus * ctx.specs[i].params.pool_size for i, cpus in wanted.items())
-    room = max(cluster_cpus - SOURCE_CPUS - SINK_CPUS, 0.0)
+    wanted = {i: ctx.specs[i].resources.num_cpus for i in ctx.plan.models}
+    reserved = sum(cpus * ctx.specs[i].resources.pool_size for i, cpus in wanted.items())
+    room = max(cluster_cpus - source_cpus(ctx) - SINK_CPUS, 0.0)
     if reserved <= room or reserved == 0:
         return wanted
     scale = room / reserved
@@ -96,22 +101,22 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
     plan = ctx.plan
     if not plan.models:
         return dataset.map_batches(curate_shards, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                                   num_cpus=SOURCE_CPUS)
+                                   num_cpus=source_cpus(ctx))
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                                  num_cpus=SOURCE_CPUS, memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes,
+                                  num_cpus=source_cpus(ctx), memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes,
                                   runtime_env=MODEL_RECIPE_WORKERS)
     cpus = actor_cpus(ctx, cluster_cpus)
     for index in plan.models:
-        params = ctx.specs[index].params
+        resources = ctx.specs[index].resources
         dataset = dataset.map_batches(
             ModelActor,
             fn_constructor_kwargs={"ctx": ctx, "index": index, "cpus": cpus[index]},
-            compute=ray.data.ActorPoolStrategy(size=params.pool_size),
-            num_gpus=params.num_gpus if gpus_available else 0,
+            compute=ray.data.ActorPoolStrategy(size=resources.pool_size),
+            num_gpus=resources.num_gpus if gpus_available else 0,
             num_cpus=cpus[index],
-            batch_size=params.batch_size,
+            batch_size=resources.batch_size,
             batch_format="pyarrow",
             runtime_env=MODEL_RECIPE_WORKERS,
         )

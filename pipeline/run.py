@@ -185,7 +185,7 @@ def cluster_gpus(config: CurationConfig) -> float:
     """GPUs the cluster offers to model stages; warns when a stage wants GPUs that are not there."""
     import ray
 
-    wanted = [s.name for s in config.enabled_stages if s.stage_class.uses_actor_pool and s.params.num_gpus > 0]
+    wanted = [s.name for s in config.enabled_stages if s.stage_class.uses_actor_pool and s.resources.num_gpus > 0]
     if not wanted:
         return 0.0
     gpus = float(ray.cluster_resources().get("GPU", 0))

@@ -115,7 +115,8 @@ _STAGE_CACHE: dict[str, list[Stage]] = {}
 
 
 def stages_key(specs: list[StageSpec]) -> str:
-    return json.dumps([[s.name, s.kind, dataclasses.asdict(s.params)] for s in specs], sort_keys=True, default=str)
+    return json.dumps([[s.name, s.kind, dataclasses.asdict(s.params), dataclasses.asdict(s.resources)] for s in specs],
+                      sort_keys=True, default=str)
 
 
 def cached_stages(specs: list[StageSpec], key: str | None = None) -> list[Stage]:

@@ -1,6 +1,6 @@
 """Curation stages, one small class each. ``STAGES`` maps the name used in configs to the class."""
 
-from stages.base import SampleBatch, Stage, StageParams
+from stages.base import SampleBatch, Stage, StageParams, StageResources
 from stages.caption_cleaning import HtmlStage, PatternsStage
 from stages.caption_filters import CharsetStage, EmojiStage, LanguageStage, LengthStage
 from stages.image_decode import DecodeStage
@@ -24,4 +24,4 @@ STAGES: dict[str, type[Stage]] = {
     )
 }
 
-__all__ = ["STAGES", "SampleBatch", "Stage", "StageParams"]
+__all__ = ["STAGES", "SampleBatch", "Stage", "StageParams", "StageResources"]

@@ -22,9 +22,16 @@ import pyarrow as pa
 
 @dataclasses.dataclass
 class StageParams:
-    """Settings shared by every stage; each stage subclasses this with its own fields."""
+    """What a stage computes: each stage subclasses this with its own fields. Every field but ``enabled`` and the
+    stage's thresholds is part of the output's fingerprint."""
 
     enabled: bool = True
+
+
+@dataclasses.dataclass
+class StageResources:
+    """How Ray runs a stage (a recipe's ``resources:`` block): never changes a result, never fingerprinted."""
+
     num_cpus: float = 1.0
 
 
@@ -68,6 +75,7 @@ class Stage:
 
     name: ClassVar[str]
     Params: ClassVar[type[StageParams]] = StageParams
+    Resources: ClassVar[type[StageResources]] = StageResources
     # Annotation columns this stage writes into the manifest, with their Arrow types.
     columns: ClassVar[dict[str, pa.DataType]] = {}
     # Columns passed on to later stages but never written to manifests or shards (decoded pixels).
@@ -84,6 +92,7 @@ class Stage:
 
     def __init__(self, params: StageParams):
         self.params = params
+        self.resources = self.Resources()  # a recipe's resources are set by ``StageSpec.build``
 
     def load(self) -> Any:
         """Load models or other heavy resources (model stages load once per actor); nothing by default."""
@@ -104,8 +113,9 @@ class Stage:
 
     @classmethod
     def annotation_settings(cls, params: StageParams) -> dict[str, Any]:
-        """The settings that change annotations (everything but thresholds and resources)."""
-        skip = cls.thresholds | {"num_cpus", "enabled"}
+        """The settings that change annotations: every parameter but ``enabled`` and the thresholds (resources
+        are not parameters)."""
+        skip = cls.thresholds | {"enabled"}
         return {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
 
 

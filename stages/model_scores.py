@@ -12,24 +12,29 @@ import polars as pl
 import pyarrow as pa
 
 from models.devices import resolve_device
-from stages.base import SampleBatch, Stage, StageParams, first_reason
+from stages.base import SampleBatch, Stage, StageParams, StageResources, first_reason
 from stages.image_decode import batch_images
 
 
 @dataclasses.dataclass
 class ModelStageParams(StageParams):
+    precision: str = "bf16"  # autocast dtype on GPU (bf16, fp16, fp32); always float32 on CPU
+    image_size: int = 224  # decode size used when no decode stage ran before this one
+
+
+@dataclasses.dataclass
+class ModelResources(StageResources):
     device: str = "auto"  # "auto": CUDA when the actor has a GPU, else CPU
     num_gpus: float = 1.0  # per actor, fractional allowed; 0 on clusters without GPUs (checked before asking)
     pool_size: int = 1  # actors in the pool
     batch_size: int = 32  # images per forward pass
-    precision: str = "bf16"  # autocast dtype on GPU (bf16, fp16, fp32); always float32 on CPU
-    image_size: int = 224  # decode size used when no decode stage ran before this one
 
 
 class ModelStage(Stage):
     only_survivors = True
     uses_actor_pool = True
     Params = ModelStageParams
+    Resources = ModelResources
 
     def __init__(self, params: ModelStageParams):
         super().__init__(params)
@@ -39,20 +44,16 @@ class ModelStage(Stage):
 
     @property
     def device(self) -> str:
-        return resolve_device(self.params.device)
+        return resolve_device(self.resources.device)
 
     def sub_batches(self, batch: SampleBatch):
         """(images, captions, keys) in slices of ``batch_size``; images come from the decode stage."""
         images = batch_images(batch, self.params.image_size)
         captions, keys = batch.captions, batch.keys
-        step = self.params.batch_size
+        step = self.resources.batch_size
         for start in range(0, len(images), step):
             yield images[start:start + step], captions[start:start + step], keys[start:start + step]
 
-    @classmethod
-    def annotation_settings(cls, params):
-        skip = {"device", "num_gpus", "pool_size", "batch_size", "precision"}
-        return {k: v for k, v in super().annotation_settings(params).items() if k not in skip}
 
 
 @dataclasses.dataclass

@@ -30,12 +30,13 @@ def real_photos(shard, limit):
 
 def clip_entry(tiny, **extra):
     return {"stage": "clip_score", "model": TINY_CLIP, "pretrained": tiny["clip"]["checkpoint"],
-            "model_config": tiny["clip"]["model_config"], "num_gpus": 0, "batch_size": 4, **extra}
+            "model_config": tiny["clip"]["model_config"], "resources": {"num_gpus": 0, "batch_size": 4}, **extra}
 
 
 def capfilt_entry(tiny, **extra):
     return {"stage": "capfilt", "captioner": tiny["blip"]["captioner"], "filter": tiny["blip"]["filter"],
-            "num_gpus": 0, "batch_size": 4, "num_captions": 2, "max_length": 12, "image_size": 32, **extra}
+            "resources": {"num_gpus": 0, "batch_size": 4}, "num_captions": 2, "max_length": 12, "image_size": 32,
+            **extra}
 
 
 def test_draft_decode_matches_full_decode_size_and_content():
@@ -55,7 +56,7 @@ def test_clip_score_loads_checkpoint_and_local_dir_alike(tiny):
     photos, captions = real_photos(require(FLICKR / "flickr8k-00002.tar"), 6)
     from_checkpoint = curate([clip_entry(tiny)], captions, photos)
     local_dir = {"stage": "clip_score", "model": "local-dir:" + tiny["clip"]["local_dir"], "pretrained": "",
-                 "num_gpus": 0}
+                 "resources": {"num_gpus": 0}}
     from_dir = curate([local_dir], captions, photos)
     scores = [r["clip_score"] for r in from_checkpoint]
     assert all(-1.0 <= s <= 1.0 for s in scores) and len(set(scores)) == 6
