@@ -280,8 +280,9 @@ def write_carry(out: OutputDir, stem: str, table: pa.Table) -> None:
                        durable=False)
 
 
-def read_carry(out: OutputDir, stem: str, first: int, rows: int) -> pa.Table:
-    """The carried rows of positions ``first`` .. ``first + rows - 1``, from whichever carry files hold them."""
+def read_carry(out: OutputDir, stem: str, first: int, rows: int, columns: list[str] | None = None) -> pa.Table:
+    """The carried rows of positions ``first`` .. ``first + rows - 1`` (only ``columns`` when given), from
+    whichever carry files hold them."""
     last = first + rows - 1
     pieces = []
     for path in sorted(out.parts_dir(stem).glob("carry-*.arrow")):
@@ -292,6 +293,8 @@ def read_carry(out: OutputDir, stem: str, first: int, rows: int) -> pa.Table:
             continue
         with pa.memory_map(str(path)) as source:
             table = pa.ipc.open_file(source).read_all()
+        if columns is not None:
+            table = table.select(columns)
         lo, hi = max(first, start), min(last, end)
         pieces.append(table.slice(lo - start, hi - lo + 1))
     if not pieces:

@@ -5,11 +5,12 @@ A recipe's stages are grouped into steps:
 * the **source step** reads an input shard as bounded batches and runs every CPU stage up to the first model
   stage on each batch, as one function over one in-memory Arrow table;
 * one **model step** per model stage, run by an actor pool (one loaded model per actor). Model actors receive a
-  slim table: the position and key of every sample of the batch, and the caption and compressed image bytes of
-  only the samples still alive; everything else (metadata, earlier annotations) waits in a carry file of the
-  shard's parts folder. The stages that make the models' inputs (the decode stage: decoded pixels) run inside
-  each model step, on the batch the actor is about to score, so decoded pixels never cross a process and an
-  actor holds at most one batch of them;
+  slim table: the position and key of every sample of the batch, and the caption of only the samples still
+  alive; the full rows (image bytes, metadata, earlier annotations) wait in a carry file of the shard's parts
+  folder, and each actor reads the image bytes of the batch it is about to score from there. So the object
+  store holds only slim rows, however far the source step runs ahead of the actors. The stages that make the
+  models' inputs (the decode stage: decoded pixels) run inside each model step, on that batch, so decoded
+  pixels never cross a process and an actor holds at most one batch of them;
 * the **sink step** joins the model results back onto the carried rows, applies the verdicts and writes the
   batch's part of the shard's outputs. Without model stages the source step does this itself.
 
@@ -45,7 +46,6 @@ SLIM_FIXED = {
     "shard_total": pa.int64(),  # set on the row that ends a shard (position -1): how many samples it had
     "shard_error": pa.string(),  # set on the row that ends a shard that could not be read to the end
 }
-SLIM_BLOCK_BYTES = 16 * 2**20  # image bytes per block sent to the model actors
 SECONDS_PREFIX = "seconds:"  # per-sample share of a step's CPU seconds, per stage (summed into each part)
 SAMPLES_PREFIX = "samples:"  # per-sample share of the samples a CPU stage annotated (summed likewise)
 
@@ -197,9 +197,8 @@ def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
 
 def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
     """With model stages: read and annotate every batch with the source stages, carry the full rows to the
-    shard's parts folder, and yield the slim tables the model actors need, in blocks of about
-    ``SLIM_BLOCK_BYTES`` of image bytes. The shard ends with one more row that says how many samples it had, or
-    why it could not be read to the end."""
+    shard's parts folder, and yield the slim table the model actors need. The shard ends with one more row that
+    says how many samples it had, or why it could not be read to the end."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
     total = 0
@@ -208,10 +207,7 @@ def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
         timer = StageTimer()
         for batch in read_batches(source, ctx.read, timer):
             batch = run_stages(batch, stages, ctx.plan.source, timer)
-            slim = slim_table(ctx, out, stem, source, batch, stages, timer.take())
-            rows = max(1, int(slim.num_rows * SLIM_BLOCK_BYTES / max(slim.nbytes, 1)))
-            for start in range(0, slim.num_rows, rows):
-                yield slim.slice(start, rows)
+            yield slim_table(ctx, out, stem, source, batch, stages, timer.take())
             total += batch.num_rows
     except Exception as exc:  # noqa: BLE001
         yield end_row(ctx, stem, source, error=describe(exc))
@@ -234,7 +230,6 @@ def slim_table(ctx: RunContext, out: OutputDir, stem: str, source: str, batch: p
         "read_error": pc.if_else(alive, pa.nulls(n, pa.string()), pa.scalar("-", pa.string())),
         "shard_total": pa.nulls(n, pa.int64()),
         "shard_error": pa.nulls(n, pa.string()),
-        "image": pc.if_else(alive, batch.column("image"), pa.nulls(n, batch.schema.field("image").type)),
     }
     for name, figures in timing.items():
         columns[SECONDS_PREFIX + name] = pa.array([figures["cpu_seconds"] / n] * n, pa.float64())
@@ -259,6 +254,9 @@ def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
     stages = ctx.stages()
     plan = ctx.plan
     timer = StageTimer()
+    started = time.process_time()
+    table = with_carried_images(OutputDir(ctx.out_root), table)
+    timer.add(READ_STAGE, time.process_time() - started, 0)
     first = index == plan.models[0]
     for position in plan.model_inputs:
         stage = stages[position]
@@ -276,9 +274,7 @@ def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
     table, _ = annotate_batch(table, stage, [stages[i] for i in plan.in_actors if i < index])
     timer.add(stage.name, time.process_time() - started, 0)
     transient = [name for i in plan.model_inputs for name in stages[i].transient_columns]
-    table = table.drop_columns([c for c in transient if c in table.column_names])
-    if index == plan.models[-1]:  # the sink needs scores, not images: they stop here
-        table = table.drop_columns(["image"])
+    table = table.drop_columns([c for c in [*transient, "image"] if c in table.column_names])
     n = table.num_rows
     for name, seconds in timer.seconds.items():
         column = SECONDS_PREFIX + name
@@ -289,6 +285,28 @@ def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
         else:
             table = table.append_column(column, share)
     return table
+
+
+def with_carried_images(out: OutputDir, table: pa.Table) -> pa.Table:
+    """The slim table with the image bytes of its live samples, read from their shards' carry files. A run of
+    rows whose carry cannot be read (its shard is being recomputed) gets ``shard_error``: the sink then fails that
+    shard cleanly, to be redone by the next run."""
+    alive = table.column("read_error").is_null()
+    images, errors = [], table.column("shard_error").to_pylist()
+    offset = 0
+    for stem, _, rows in contiguous_runs(table):
+        first, count = rows.column("position")[0].as_py(), rows.num_rows
+        piece = pa.nulls(count, pa.large_binary())
+        if first >= 0:
+            try:
+                piece = read_carry(out, stem, first, count, ["image"]).column("image").combine_chunks()
+            except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
+                errors[offset:offset + count] = [f"reading carried rows: {describe(exc)}"] * count
+        images.append(piece.cast(pa.large_binary()))
+        offset += count
+    image = pa.concat_arrays(images) if images else pa.array([], pa.large_binary())
+    table = table.set_column(table.column_names.index("shard_error"), "shard_error", pa.array(errors, pa.string()))
+    return table.append_column("image", pc.if_else(alive, image, pa.nulls(len(image), pa.large_binary())))
 
 
 # -------------------------------------------------------------------------------------------------- sink step
@@ -304,6 +322,10 @@ def write_model_results(ctx: RunContext, table: pa.Table) -> list[dict]:
         if first < 0:  # the row that ends a shard
             total, error = rows.column("shard_total")[0].as_py(), rows.column("shard_error")[0].as_py()
             summaries.append(shard_summary(stem, source, total=total, error=error, end=True))
+            continue
+        if rows.column("shard_error").null_count < rows.num_rows:  # a model step could not read its inputs
+            error = next(e for e in rows.column("shard_error").to_pylist() if e is not None)
+            summaries.append(shard_summary(stem, source, error=error, end=True))
             continue
         try:
             full = join_model_columns(read_carry(out, stem, first, rows.num_rows), rows, stages, ctx.plan)
