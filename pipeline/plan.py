@@ -6,9 +6,9 @@ back to the driver. With model stages:
 
     shards -> source step (read + CPU stages, tasks) -> one actor pool per model stage -> sink step (tasks)
 
-Data crosses a process only into and out of the actor pools, as slim tables (see ``pipeline.steps``) of
-compressed image bytes, in bounded blocks; images are decoded inside the model actors, batch by batch, so
-decoded pixels never sit in the object store. The source step is never fused into an actor pool:
+Data crosses a process only into and out of the actor pools, as slim tables (see ``pipeline.steps``): keys,
+positions and captions; the actors read the image bytes of each batch from the shard's carry file and decode
+them themselves, so neither image bytes nor pixels sit in the object store. The source step is never fused into an actor pool:
 rule-stage parallelism is the cluster's CPUs, not the pool size.
 """
 
