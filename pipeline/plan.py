@@ -74,25 +74,36 @@ def source_cpus(ctx: RunContext) -> float:
     return max((ctx.specs[i].resources.num_cpus for i in ctx.plan.source), default=1.0)
 
 
-def actor_cpus(ctx: RunContext, cluster_cpus: float) -> dict[int, float]:
-    """CPUs each model actor reserves: its ``num_cpus``, scaled down when the pools together would leave no CPU
-    for the source and sink tasks (the pools would then wait forever for rows that no task can produce)."""
+def actor_cpus(ctx: RunContext, node_cpus: list[float]) -> dict[int, float]:
+    """CPUs each model actor reserves: its ``num_cpus``, scaled down when the pools could leave no node with room
+    for a source and a sink task (the pools would then wait forever for rows that no task can produce). Ray may
+    place every actor on the smallest node, so the room is what that node has beside one source and one sink
+    task, and none at all when it has no more than that (actors then reserve no CPU)."""
     wanted = {i: ctx.specs[i].resources.num_cpus for i in ctx.plan.models}
     reserved = sum(cpus * ctx.specs[i].resources.pool_size for i, cpus in wanted.items())
-    room = max(cluster_cpus - source_cpus(ctx) - SINK_CPUS, 0.0)
+    working = [cpus for cpus in node_cpus if cpus > 0] or [1.0]
+    room = min(sum(working), min(working)) - source_cpus(ctx) - SINK_CPUS
     if reserved <= room or reserved == 0:
         return wanted
+    if room <= 0:
+        return {i: 0.0 for i in wanted}
     scale = room / reserved
-    return {i: max(round(cpus * scale, 3), 0.05) for i, cpus in wanted.items()}
+    return {i: round(cpus * scale, 3) for i, cpus in wanted.items()}
+
+
+def cluster_node_cpus() -> list[float]:
+    """CPUs of each live node of the Ray cluster."""
+    return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
 
 
 def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0,
-               cluster_cpus: float = 0.0) -> ray.data.Dataset:
+               node_cpus: list[float] | None = None) -> ray.data.Dataset:
     """The whole job as one lazy Ray dataset of summary rows (see ``pipeline.steps.SUMMARY_SCHEMA``).
 
     A model stage asks for GPUs only when the cluster has some: a GPU request on a CPU-only cluster would wait
     forever."""
-    cluster_cpus = cluster_cpus or float(ray.cluster_resources().get("CPU", 1))
+    node_cpus = node_cpus if node_cpus is not None else cluster_node_cpus()
+    cluster_cpus = sum(node_cpus) or 1.0
     items = [{"source": s.url, "stem": s.stem} for s in shards]
     # Several small shards per task (each still committed on its own), at least TASKS_PER_CPU tasks per CPU so
     # that the work stays balanced: a task costs the driver and Ray more than a small shard costs a worker.
@@ -107,7 +118,7 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
                                   num_cpus=source_cpus(ctx), memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes,
                                   runtime_env=MODEL_RECIPE_WORKERS)
-    cpus = actor_cpus(ctx, cluster_cpus)
+    cpus = actor_cpus(ctx, node_cpus)
     for index in plan.models:
         resources = ctx.specs[index].resources
         dataset = dataset.map_batches(
