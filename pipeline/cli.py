@@ -15,7 +15,7 @@ from pipeline.lease import LeaseError
 from pipeline.quiet import VERBOSE_ENV, RayLinesFiltered
 from pipeline.run import UsageError
 from pipeline.shards import InputError
-from pipeline.synth import NOISE_TYPES
+from pipeline.synth import DUPLICATE_TYPES, NOISE_TYPES
 
 EXIT_USAGE = 2
 
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--noise-rate", type=float, default=0.0,
                        help="share of noisy samples, spread evenly over every noise type")
     synth.add_argument("--noise", action="append", default=[], metavar="TYPE=P",
-                       help="probability of one noise type (repeatable); types: " + ", ".join(NOISE_TYPES))
+                       help="probability of one noise type (repeatable); types: " + ", ".join(NOISE_TYPES)
+                       + "; duplicates (drawn apart, never by --noise-rate): " + ", ".join(DUPLICATE_TYPES))
     synth.set_defaults(handler=cmd_synth)
 
     demo = commands.add_parser("demo", help="the whole bootstrapping loop, offline, on synthetic data")

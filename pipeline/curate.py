@@ -118,7 +118,7 @@ def check_contract(stage: Stage, result: dict, expected: set[str], count: int) -
         raise StageContractError(f"stage {stage.name!r} returned {wrong} with a length other than {count} samples")
 
 
-def _set_column(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+def _set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
     if name in table.column_names:
         return table.set_column(table.column_names.index(name), name, values)
     return table.append_column(name, values)
@@ -179,13 +179,24 @@ def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] 
 
 
 def apply_verdicts(table: pa.Table, stages: list[Stage]) -> pa.Table:
-    """Set ``drop_reason``, ``kept`` and ``output_captions`` from the annotations and the stages' thresholds."""
+    """Set ``drop_reason``, ``kept`` and ``output_captions`` from the annotations and the stages' thresholds;
+    first the columns that stages decided over the whole output (``Stage.selection_columns``), if any."""
+    for stage in stages:
+        for name, values in stage.selection_columns(table).items():
+            table = _set_column(table, name, values)
     frame = verdict_frame(table)
     reasons = frame.select(drop_reason_expr(stages)).to_series()
     table = _set_column(table, "drop_reason", reasons.to_arrow().cast(pa.string()))
     table = _set_column(table, "kept", pa.array(reasons.is_null().to_list(), pa.bool_()))
     captions = output_captions(frame.with_columns(reasons), stages)
     return _set_column(table, "output_captions", pa.array(captions, pa.list_(pa.string())))
+
+
+def verdict_columns(stages: list[Stage]) -> tuple[str, ...]:
+    """The manifest columns a selection may change: verdicts, written captions and columns decided over the whole
+    output; a shard is rewritten when one of them changes."""
+    decided = [name for stage in stages for name in sorted(stage.decided_at_selection)]
+    return ("drop_reason", "output_captions", *decided)
 
 
 def finish_batch(table: pa.Table, stages: list[Stage]) -> pa.Table:

@@ -19,9 +19,18 @@ def ground_truth(inputs: str) -> pl.DataFrame:
         table = read_shard(shard.url).select(["key", "metadata_json"])
         for key, metadata in zip(table.column("key").to_pylist(), table.column("metadata_json").to_pylist()):
             truth = json.loads(metadata)["synth"]
-            rows.append({"shard": shard.url, "key": key, "noise": truth["noise"] or "clean", **{
+            rows.append({"shard": shard.url, "key": key, "noise": noise_label(truth), **{
                 k: truth[k] for k in ("shape", "colour", "background", "language", "true_caption")}})
     return pl.DataFrame(rows)
+
+
+def noise_label(truth: dict) -> str:
+    """The sample's noise type; duplicate noise (a copy of an earlier sample, or a look-alike) comes first."""
+    if "duplicate" in truth:
+        return f"duplicate_{truth['duplicate']['kind']}"
+    if "lookalike_of" in truth:
+        return "lookalike"
+    return truth["noise"] or "clean"
 
 
 def describes(caption: str | None, truth: dict) -> bool:

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
-from pipeline.curate import apply_verdicts
+from pipeline.curate import apply_verdicts, verdict_columns
 from pipeline.curate import stage_names as funnel_names
 from pipeline.lease import LEASE_PATH, OutputLease
 from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, ShardWriter, aggregate_stats, atomic_write_bytes,
@@ -172,8 +172,9 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
     seconds = time.perf_counter() - started
     out.remove_temporary_files()
     out.remove_empty_parts_folder()
-    if any(getattr(s.params, "top_fraction", 0) for s in config.enabled_stages) and committed:
-        reselect(out, config)  # a top fraction is exact only over the whole run: its cutoff moves with new shards
+    if committed and any(getattr(s.params, "top_fraction", 0) or s.stage_class.decided_at_selection
+                         for s in config.enabled_stages):
+        reselect(out, config)  # top fractions and duplicates are decided over the whole output: new shards move them
     stats = write_stats(out, config)
     failed = [s for s in committed if s["error"] is not None]
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
@@ -329,13 +330,15 @@ def select_thresholds(output: str, overrides: list[str]) -> dict:
 def reselect(out: OutputDir, config: CurationConfig) -> int:
     """Recompute verdicts of every completed shard with ``config``'s thresholds; rewrite the shards that change.
     Returns how many shards changed. The saved config is updated last."""
-    stages = resolve_top_fractions(out, [s.build() for s in config.enabled_stages])
+    from pipeline.dedup import resolve_duplicates
+
+    stages = resolve_duplicates(out, resolve_top_fractions(out, [s.build() for s in config.enabled_stages]))
     names = stage_names(config)
     changed_shards = 0
     for stem, record in out.done_records().items():
         manifest = pq.read_table(out.manifest_path(stem))
         updated = apply_verdicts(manifest, stages)
-        if all(updated.column(c).equals(manifest.column(c)) for c in ("drop_reason", "output_captions")
+        if all(updated.column(c).equals(manifest.column(c)) for c in verdict_columns(stages)
                if c in manifest.column_names):
             continue
         changed_shards += 1

@@ -5,6 +5,13 @@ background) with a caption describing it in English or Chinese. Noise of known t
 sample's ``.json`` holds the ground truth (``synth``: the true description, the language, the noise types), so
 curation quality (precision and recall of dropping each noise type) can be measured exactly. Deterministic for
 a seed: the same command writes byte-identical shards.
+
+Duplicate noise (``DUPLICATE_TYPES``, off unless asked for: ``--noise duplicate_resized=0.05``) is drawn from
+its own random stream, so asking for it changes only the samples it picks: such a sample is a copy of an earlier
+original (any shard) with its caption and ground truth, the image kept byte for byte, re-encoded at JPEG quality
+60-90, resized to 50-90% or cropped by up to 10% per side; or a look-alike: the original's scene with the shape
+moved to another position, drawn afresh (a different image, with its own true caption). The ground truth names
+the original: ``synth.duplicate`` = {kind, of, and the transform's parameters} or ``synth.lookalike_of``.
 """
 
 from __future__ import annotations
@@ -50,6 +57,10 @@ NOISE_TYPES = ("mismatched", "html", "emoji", "other_language", "other_script", 
 NOISE_EXPECTED_DROP = {"mismatched": True, "html": False, "emoji": True, "other_language": True,
                        "other_script": True, "patterns": False, "too_short": True, "too_long": True,
                        "tiny_image": True, "extreme_aspect": True, "corrupt_image": True}
+# Duplicate noise: never part of ``default_noise``; a copy comes after its original, which is kept.
+COPY_TYPES = ("duplicate_exact", "duplicate_reencoded", "duplicate_resized", "duplicate_cropped")
+DUPLICATE_TYPES = (*COPY_TYPES, "lookalike")
+NOISE_EXPECTED_DROP.update({name: True for name in COPY_TYPES} | {"lookalike": False})
 
 
 @dataclasses.dataclass
@@ -62,11 +73,14 @@ class SynthOptions:
     noise: dict[str, float] = dataclasses.field(default_factory=dict)  # noise type -> probability
 
     def __post_init__(self):
-        unknown = set(self.noise) - set(NOISE_TYPES)
+        unknown = set(self.noise) - set(NOISE_TYPES) - set(DUPLICATE_TYPES)
         if unknown:
-            raise ValueError(f"unknown noise type(s) {sorted(unknown)}; known: {', '.join(NOISE_TYPES)}")
-        if sum(self.noise.values()) > 1.0:
+            raise ValueError(f"unknown noise type(s) {sorted(unknown)}; known: "
+                             f"{', '.join(NOISE_TYPES + DUPLICATE_TYPES)}")
+        if sum(self.noise.get(name, 0.0) for name in NOISE_TYPES) > 1.0:
             raise ValueError("noise probabilities add up to more than 1")
+        if sum(self.noise.get(name, 0.0) for name in DUPLICATE_TYPES) > 1.0:
+            raise ValueError("duplicate noise probabilities add up to more than 1")
 
 
 def default_noise(rate: float) -> dict[str, float]:
@@ -122,13 +136,82 @@ def draw(scene: dict, width: int, height: int, rng: random.Random) -> Image.Imag
     return image.filter(ImageFilter.GaussianBlur(0.6))
 
 
-def jpeg_bytes(image: Image.Image) -> bytes:
+def jpeg_bytes(image: Image.Image, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
+def duplicate_plan(index: int, options: SynthOptions) -> tuple[str, int, random.Random] | None:
+    """(duplicate type, index of an earlier sample, the sample's random stream) when sample ``index`` is drawn as
+    duplicate noise, else None. Its own stream: the other samples do not change when duplicates are asked for."""
+    if index == 0 or not any(options.noise.get(name, 0.0) for name in DUPLICATE_TYPES):
+        return None
+    rng = random.Random(f"{options.seed}:duplicate:{index}")
+    roll, cumulative = rng.random(), 0.0
+    for name in DUPLICATE_TYPES:
+        cumulative += options.noise.get(name, 0.0)
+        if roll < cumulative:
+            return name, rng.randrange(index), rng
+    return None
+
+
+def copy_image(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, dict]:
+    """The image of a copy, and the parameters of its transform."""
+    if kind == "duplicate_exact":
+        return data, {}
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("RGB")
+    if kind == "duplicate_reencoded":
+        quality = rng.randint(60, 90)
+        return jpeg_bytes(image, quality), {"quality": quality}
+    width, height = image.size
+    if kind == "duplicate_resized":
+        scale = rng.uniform(0.5, 0.9)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return jpeg_bytes(image.resize(size, Image.Resampling.BICUBIC)), {"scale": round(scale, 4)}
+    sides = [rng.uniform(0.0, 0.10) for _ in range(4)]  # left, top, right, bottom: shares of the side
+    box = (round(sides[0] * width), round(sides[1] * height), width - round(sides[2] * width),
+           height - round(sides[3] * height))
+    return jpeg_bytes(image.crop(box)), {"crop": [round(side, 4) for side in sides]}
+
+
+def make_duplicate(index: int, plan: tuple[str, int, random.Random], options: SynthOptions,
+                   scenes: list[dict]) -> dict:
+    """A copy of an earlier original (a copy of a copy names the first original), or a look-alike of it."""
+    kind, source, rng = plan
+    while (earlier := duplicate_plan(source, options)) is not None and earlier[0] in COPY_TYPES:
+        source = earlier[1]
+    original = make_sample(source, options, scenes)
+    truth = json.loads(original["json"])["synth"]
+    key = f"synth{index:08d}"
+    if kind == "lookalike":
+        scene = {name: truth[name] for name in ("shape", "colour", "size", "position", "background")}
+        moved = {**scene, "position": rng.choice([p for p in POSITIONS if p != scene["position"]])}
+        caption = describe(moved, truth["language"], rng)
+        image = jpeg_bytes(draw(moved, options.size, options.size, rng))
+        metadata = {"synth": {**moved, "language": truth["language"], "true_caption": caption, "noise": None,
+                              "width": options.size, "height": options.size, "lookalike_of": original["key"]}}
+        return {"key": key, "jpg": image, "txt": caption.encode("utf-8"),
+                "json": json.dumps(metadata, ensure_ascii=False).encode("utf-8")}
+    try:
+        image, transform = copy_image(original["jpg"], kind, rng)
+    except OSError:  # a corrupt original (truncated JPEG) cannot be decoded: copied byte for byte instead
+        kind, (image, transform) = "duplicate_exact", (original["jpg"], {})
+    width, height = truth["width"], truth["height"]
+    if kind != "duplicate_exact":
+        with Image.open(io.BytesIO(image)) as header:
+            width, height = header.size
+    duplicate = {"kind": kind.removeprefix("duplicate_"), "of": original["key"], **transform}
+    metadata = {"synth": {**truth, "width": width, "height": height, "duplicate": duplicate}}
+    return {"key": key, "jpg": image, "txt": original["txt"],
+            "json": json.dumps(metadata, ensure_ascii=False).encode("utf-8")}
+
+
 def make_sample(index: int, options: SynthOptions, scenes: list[dict]) -> dict:
+    plan = duplicate_plan(index, options)
+    if plan is not None:
+        return make_duplicate(index, plan, options, scenes)
     rng = random.Random(f"{options.seed}:{index}")
     scene = scenes[index]
     language = "zh" if rng.random() < options.chinese else "en"

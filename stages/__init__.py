@@ -3,6 +3,7 @@
 from stages.base import SampleBatch, Stage, StageParams, StageResources
 from stages.caption_cleaning import HtmlStage, PatternsStage
 from stages.caption_filters import CharsetStage, EmojiStage, LanguageStage, LengthStage
+from stages.dedup import DedupStage
 from stages.image_decode import DecodeStage
 from stages.image_header import AspectRatioStage, ImageSizeStage
 from stages.model_scores import CapFiltStage, ClipScoreStage
@@ -21,6 +22,7 @@ STAGES: dict[str, type[Stage]] = {
         DecodeStage,
         ClipScoreStage,
         CapFiltStage,
+        DedupStage,
     )
 }
 

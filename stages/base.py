@@ -89,6 +89,9 @@ class Stage:
     # Cheap stages annotate every readable sample, so that a loosened threshold upstream still finds their
     # values; expensive (model) stages set this to True and only see samples that passed every earlier stage.
     only_survivors: ClassVar[bool] = False
+    # Columns (among ``columns``) decided over the whole output at selection time rather than per sample, such as
+    # which copy of a duplicated image is kept: ``annotate`` leaves them null, ``selection_columns`` fills them.
+    decided_at_selection: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: StageParams):
         self.params = params
@@ -105,6 +108,11 @@ class Stage:
     def reject_reason(self) -> pl.Expr | None:
         """A polars expression over the annotation columns: a short reason string, or null to keep."""
         return None
+
+    def selection_columns(self, table: pa.Table) -> dict[str, pa.Array | pa.ChunkedArray]:
+        """Values of ``decided_at_selection`` for one shard's manifest rows, set before its verdicts are applied;
+        empty (nothing to set) unless the stage has been resolved over the whole output."""
+        return {}
 
     def output_captions(self, row: dict) -> list[str] | None:
         """Captions to write for a kept sample (first: its .txt; more: extra pairs), or None to leave them be.

@@ -1,0 +1,302 @@
+"""Deduplication: the perceptual hash on real photos, the global search, synth's duplicate noise, and duplicates
+across shards, refreshes and `vlcurate select` (tiny generated shards: no shared data needed for the runs)."""
+
+import io
+import json
+import random
+import tarfile
+import zlib
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from conftest import FLICKR, photos_and_captions, require, write_tar
+from pipeline.config import parse_config
+from pipeline.dedup import SAMPLE_SCHEMA, find_duplicates, keepers, near_pairs, preference_order
+from pipeline.run import run_curation, select_thresholds
+from pipeline.synth import DUPLICATE_TYPES, SynthOptions, draw, jpeg_bytes, write_synth
+from stages.base import SampleBatch
+from stages.dedup import DedupParams, DedupStage, caption_hash, hamming, perceptual_hash, perceptual_hashes
+
+
+def jpeg(image: Image.Image, quality: int = 90) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def picture(seed: int, size: int = 96) -> Image.Image:
+    """A smooth random picture: distinct seeds give perceptually distinct images."""
+    grid = np.random.default_rng(seed).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    return Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def resized(image: Image.Image, scale: float) -> Image.Image:
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
+
+
+# ------------------------------------------------------------------------------------ hashing
+
+
+def test_phash_is_deterministic_and_finds_reencoded_and_resized_photos():
+    photos, _ = photos_and_captions(sorted(require(FLICKR).glob("*.tar"))[0], limit=30)
+    hashes = [perceptual_hash(p) for p in photos]
+    assert hashes == [perceptual_hash(p) for p in photos]
+    assert all(0 <= h < 2**63 for h in hashes)
+    for photo, original in zip(photos, hashes):
+        image = Image.open(io.BytesIO(photo))
+        assert hamming(original, perceptual_hash(jpeg(image, quality=65))) <= 4
+        assert hamming(original, perceptual_hash(jpeg(resized(image, 0.6)))) <= 4
+    distances = [hamming(a, b) for i, a in enumerate(hashes) for b in hashes[i + 1:]]
+    assert min(distances) > 8, "distinct photos must stay far apart"
+    for photo in photos[:10]:
+        luma, chroma = perceptual_hashes(photo)
+        copy = perceptual_hashes(jpeg(resized(Image.open(io.BytesIO(photo)), 0.7), quality=70))
+        assert hamming(luma, copy[0]) <= 3 and hamming(chroma, copy[1]) <= 6
+
+
+def test_the_chroma_hash_tells_apart_scenes_the_luma_hash_cannot():
+    """A large red triangle at the top of a blue background and a small blue diamond at the bottom of a red one
+    have about the same luma (red and blue are about as bright): only the colour check keeps them apart."""
+    triangle = {"shape": "triangle", "colour": "red", "size": "large", "position": "top", "background": "blue"}
+    diamond = {"shape": "diamond", "colour": "blue", "size": "small", "position": "bottom", "background": "red"}
+    a, b = (perceptual_hashes(jpeg_bytes(draw(scene, 224, 224, random.Random(seed))))
+            for seed, scene in enumerate((triangle, diamond)))
+    assert hamming(a[0], b[0]) <= 3 and hamming(a[1], b[1]) > 20
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def test_unhashable_images_get_a_reason_and_their_exact_fingerprint():
+    good = jpeg(picture(1))
+    images = [good, b"not an image", good[: len(good) // 4], png_declaring(60_000, 60_000)]
+    table = pa.table({"key": [f"k{i}" for i in range(4)], "caption": ["a cat"] * 4,
+                      "image": pa.array(images, pa.binary())})
+    values = DedupStage(DedupParams()).annotate(SampleBatch(table, [0, 1, 2, 3]))
+    assert values["dedup_phash"][0] is not None and values["dedup_error"][0] is None
+    for i in (1, 2, 3):
+        assert values["dedup_phash"][i] is None and values["dedup_error"][i]
+    assert values["dedup_error"][3].startswith("ImageTooLarge")
+    assert all(len(h) == 64 for h in values["dedup_sha256"])
+    assert values["dedup_chroma_hash"][0] is not None and values["dedup_chroma_hash"][1:] == [None] * 3
+    assert values["dedup_duplicate_of"] == [None] * 4
+
+
+def test_caption_hash_normalises_case_spacing_and_punctuation():
+    assert caption_hash("A  Dog, running!") == caption_hash("a dog running") is not None
+    assert caption_hash("a dog") != caption_hash("a cat")
+    assert caption_hash("!!!") is None and caption_hash(None) is None
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="max_hamming"):
+        DedupStage(DedupParams(max_hamming=40))
+    with pytest.raises(ValueError, match="max_chroma_hamming"):
+        DedupStage(DedupParams(max_chroma_hamming=-2))
+    with pytest.raises(ValueError, match="scope"):
+        DedupStage(DedupParams(scope="pixels"))
+
+
+# ------------------------------------------------------------------------------------ the search
+
+
+@pytest.mark.parametrize("max_distance", [0, 1, 3, 4, 6])
+def test_multi_index_search_finds_exactly_the_pairs_within_the_distance(max_distance):
+    rng = np.random.default_rng(max_distance)
+    hashes = rng.integers(0, 2**63, 1200, dtype=np.int64)
+    for target in range(300):  # near and far copies of other hashes
+        value = int(hashes[rng.integers(300, 1200)])
+        for bit in rng.choice(63, int(rng.integers(0, max_distance + 3)), replace=False):
+            value ^= 1 << int(bit)
+        hashes[target] = value
+    groups = rng.integers(0, 3, len(hashes))
+    bits = hashes.view(np.uint64)
+    within = np.bitwise_count(bits[:, None] ^ bits[None, :]) <= max_distance
+    colours = rng.integers(0, 8, len(hashes))  # a second hash of 3 bits: within 1 bit of each other, or not
+    colours_near = np.bitwise_count(colours[:, None] ^ colours[None, :]) <= 1
+    for group_values, second in ((None, None), (groups, None), (None, colours), (groups, colours)):
+        expected = within if group_values is None else within & (groups[:, None] == groups[None, :])
+        expected = expected if second is None else expected & colours_near
+        lows, highs = near_pairs(hashes, max_distance, group_values, second, 1, block=5000)
+        brute_lows, brute_highs = np.nonzero(np.triu(expected, 1))
+        assert np.array_equal(lows, brute_lows) and np.array_equal(highs, brute_highs)
+
+
+def test_a_sample_is_kept_unless_a_kept_better_one_is_near_it():
+    # 0 ~ 1 ~ 2 but 0 is not near 2: 1 goes (near 0), 2 stays (its only near neighbour was dropped)
+    assert keepers(4, np.array([0, 1]), np.array([1, 2])).tolist() == [0, 0, 2, 3]
+
+
+def samples_frame(rows):
+    return preference_order(pl.DataFrame(rows, schema=SAMPLE_SCHEMA, orient="row"))
+
+
+def test_the_best_scored_copy_is_kept_then_the_first_shard():
+    rows = [("a", "A", 0, "x", 1, 15, 7, None, 0.2), ("b", "B", 0, "y", 1, 15, 7, None, 0.9),
+            ("c", "C", 0, "z", 2, 15 ^ 0b11, 7 ^ 0b1, None, None), ("c", "C", 1, "w", 3, 2**62, 7, None, None)]
+    duplicates = find_duplicates(samples_frame(rows), 4)
+    assert duplicates.sort("shard").rows() == [("A", 0, "b/y", "exact", 0), ("C", 0, "b/y", "near", 2)]
+    assert find_duplicates(samples_frame(rows), -1).rows() == [("A", 0, "b/y", "exact", 0)]
+    unscored = [row[:8] + (None,) for row in rows]
+    assert find_duplicates(samples_frame(unscored), 4).sort("shard")["dedup_duplicate_of"].to_list() == ["a/x"] * 2
+    # The colour check: the near copy's chroma hash is 1 bit away; with a limit of 0 bits it is a distinct image.
+    assert find_duplicates(samples_frame(rows), 4, max_chroma_hamming=1).height == 2
+    assert find_duplicates(samples_frame(rows), 4, max_chroma_hamming=0).rows() == [("A", 0, "b/y", "exact", 0)]
+
+
+# ------------------------------------------------------------------------------------ synth
+
+
+def test_synth_duplicate_noise_names_its_originals_and_leaves_other_samples_alone(tmp_path):
+    plain = write_synth(tmp_path / "plain", SynthOptions(samples=60, size=64, noise={"html": 0.2}))
+    zero = write_synth(tmp_path / "zero", SynthOptions(samples=60, size=64,
+                                                       noise={"html": 0.2, "duplicate_resized": 0.0}))
+    assert plain[0].read_bytes() == zero[0].read_bytes()
+    noise = {"html": 0.2, **{name: 0.1 for name in DUPLICATE_TYPES}}
+    noisy = write_synth(tmp_path / "noisy", SynthOptions(samples=60, size=64, noise=noise))
+    with tarfile.open(plain[0]) as a, tarfile.open(noisy[0]) as b:
+        before = {m.name: a.extractfile(m).read() for m in a}
+        after = {m.name: b.extractfile(m).read() for m in b}
+    kinds = set()
+    for name, data in after.items():
+        if not name.endswith(".json"):
+            continue
+        truth = json.loads(data)["synth"]
+        key = name[:-5]
+        if "duplicate" in truth:
+            kinds.add(truth["duplicate"]["kind"])
+            original = truth["duplicate"]["of"]
+            assert original < key and "duplicate" not in json.loads(after[f"{original}.json"])["synth"]
+            assert after[f"{key}.txt"] == after[f"{original}.txt"]
+            if truth["duplicate"]["kind"] == "exact":
+                assert after[f"{key}.jpg"] == after[f"{original}.jpg"]
+        elif "lookalike_of" in truth:
+            kinds.add("lookalike")
+        else:  # not drawn as duplicate noise: the same sample as without it
+            assert all(after[f"{key}.{ext}"] == before[f"{key}.{ext}"] for ext in ("jpg", "txt", "json"))
+    assert kinds == {"exact", "reencoded", "resized", "cropped", "lookalike"}
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def shard(path, samples):
+    """A shard of (key, JPEG bytes) samples, each with a caption naming its key."""
+    members = []
+    for key, image in samples:
+        members += [(f"{key}.jpg", image), (f"{key}.txt", f"a picture number {key}".encode())]
+    return str(write_tar(path, members))
+
+
+def dedup_config(*overrides):
+    return parse_config({"name": "dedup", "stages": [{"stage": "dedup"}]}, list(overrides))
+
+
+def verdicts(output):
+    frame = pl.read_parquet(f"{output}/manifests/*.parquet")
+    frame = frame.with_columns(pl.col("shard").str.split("/").list.last())
+    return {(row["shard"], row["key"]): (row["drop_reason"], row["dedup_duplicate_of"])
+            for row in frame.iter_rows(named=True)}
+
+
+def members(output, stem):
+    with tarfile.open(f"{output}/shards/{stem}.tar") as archive:
+        return sorted(m.name for m in archive)
+
+
+def outputs(output):
+    """What a consumer reads: shard bytes, manifests and stats without timing."""
+    shards = {p.name: p.read_bytes() for p in sorted((output / "shards").glob("*.tar"))}
+    manifests = {p.name: pl.read_parquet(p) for p in sorted((output / "manifests").glob("*.parquet"))}
+    stats = json.loads((output / "stats.json").read_text())
+    stats.pop("timing")
+    return shards, manifests, stats
+
+
+def assert_same_outputs(a, b):
+    shards_a, manifests_a, stats_a = outputs(a)
+    shards_b, manifests_b, stats_b = outputs(b)
+    assert shards_a == shards_b and stats_a == stats_b
+    assert manifests_a.keys() == manifests_b.keys()
+    for name in manifests_a:
+        assert manifests_a[name].equals(manifests_b[name]), name
+
+
+@pytest.fixture(scope="module")
+def two_shards(tmp_path_factory):
+    """a: three distinct pictures; b: a byte copy and a resized copy of two of them, a new picture and a byte
+    copy of that new picture."""
+    folder = tmp_path_factory.mktemp("dedup-inputs")
+    pictures = [jpeg(picture(seed)) for seed in range(4)]
+    a = shard(folder / "a.tar", [("k0", pictures[0]), ("k1", pictures[1]), ("k2", pictures[2])])
+    b = shard(folder / "b.tar", [("k0", pictures[1]), ("k1", jpeg(resized(picture(2), 0.7))), ("k2", pictures[3]),
+                                 ("k3", pictures[3])])
+    return a, b
+
+
+def test_duplicates_across_two_shards_keep_exactly_one(ray_cluster, two_shards, tmp_path):
+    result = run_curation(dedup_config(), list(two_shards), str(tmp_path / "out"), progress=False)
+    found = verdicts(tmp_path / "out")
+    assert found == {
+        ("a.tar", "k0"): (None, None), ("a.tar", "k1"): (None, None), ("a.tar", "k2"): (None, None),
+        ("b.tar", "k0"): ("dedup:exact_duplicate", "a/k1"), ("b.tar", "k1"): ("dedup:near_duplicate", "a/k2"),
+        ("b.tar", "k2"): (None, None), ("b.tar", "k3"): ("dedup:exact_duplicate", "b/k2"),
+    }
+    assert result.stats["kept"] == 4
+    assert result.stats["dropped_by_reason"] == {"dedup:exact_duplicate": 2, "dedup:near_duplicate": 1}
+    assert members(tmp_path / "out", "b") == ["k2.jpg", "k2.json", "k2.txt"]
+    assert len(members(tmp_path / "out", "a")) == 9
+
+
+def test_a_refresh_drops_new_copies_and_equals_one_fresh_run(ray_cluster, two_shards, tmp_path):
+    a, _ = two_shards
+    out = tmp_path / "out"
+    run_curation(dedup_config(), [a], str(out), progress=False)
+    kept_a = (out / "shards" / "a.tar").read_bytes()
+    copy = jpeg(Image.open(io.BytesIO(jpeg(picture(1)))), quality=70)  # a re-encoded copy of a/k1
+    later = shard(tmp_path / "c.tar", [("k0", copy), ("k1", jpeg(picture(9)))])
+    run_curation(dedup_config(), [a, later], str(out), progress=False)
+    found = verdicts(out)
+    assert found[("c.tar", "k0")] == ("dedup:near_duplicate", "a/k1") and found[("a.tar", "k1")] == (None, None)
+    assert (out / "shards" / "a.tar").read_bytes() == kept_a  # the old shard keeps its copy, untouched
+    run_curation(dedup_config(), [a, later], str(tmp_path / "fresh"), progress=False)
+    assert_same_outputs(out, tmp_path / "fresh")
+
+    # A new shard that ranks first (its stem sorts before "a") takes the group over: the old shard is rewritten.
+    earlier = shard(tmp_path / "0.tar", [("k0", jpeg(picture(1)))])
+    run_curation(dedup_config(), [a, later, earlier], str(out), progress=False)
+    found = verdicts(out)
+    assert found[("a.tar", "k1")] == ("dedup:exact_duplicate", "0/k0")
+    assert found[("c.tar", "k0")] == ("dedup:near_duplicate", "0/k0")
+    assert "k1.jpg" not in members(out, "a")
+    run_curation(dedup_config(), [a, later, earlier], str(tmp_path / "fresh3"), progress=False)
+    assert_same_outputs(out, tmp_path / "fresh3")
+
+
+def test_select_with_a_new_max_hamming_equals_a_fresh_run(ray_cluster, two_shards, tmp_path):
+    run_curation(dedup_config(), list(two_shards), str(tmp_path / "out"), progress=False)
+    stats = select_thresholds(str(tmp_path / "out"), ["dedup.max_hamming=-1"])
+    assert stats["shards_reselected"] == 1 and stats["dropped_by_reason"] == {"dedup:exact_duplicate": 2}
+    run_curation(dedup_config("dedup.max_hamming=-1"), list(two_shards), str(tmp_path / "exact"), progress=False)
+    assert_same_outputs(tmp_path / "out", tmp_path / "exact")
+    select_thresholds(str(tmp_path / "out"), ["dedup.max_hamming=4"])
+    run_curation(dedup_config(), list(two_shards), str(tmp_path / "near"), progress=False)
+    assert_same_outputs(tmp_path / "out", tmp_path / "near")
+
+
+def test_scope_image_and_caption_needs_equal_captions_too():
+    rows = [("a", "A", 0, "x", 1, 15, 7, 100, None), ("a", "A", 1, "y", 1, 15, 7, 200, None),
+            ("a", "A", 2, "z", 2, 15 ^ 1, 7, 100, None)]
+    assert find_duplicates(samples_frame(rows), 3).height == 2
+    assert find_duplicates(samples_frame(rows), 3, "image_and_caption").rows() == [("A", 2, "a/x", "near", 1)]
