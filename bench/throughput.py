@@ -123,6 +123,7 @@ def main():
         init_ray()
         print(f"Ray start-up: {time.perf_counter() - started:.1f} s")
         warm = replicate(work / "in-warm", 2_000, 250)
+        shutil.rmtree(work / "out-warm", ignore_errors=True)  # the corpora may be reused with another recipe
         run_curation(config, [str(warm)], str(work / "out-warm"), progress=False)
 
         print(f"\n{'run':<28}{'samples':>9}{'wall s':>8}{'samples/s':>11}{'/floor':>8}{'/fast floor':>12}"

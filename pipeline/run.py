@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline.config import ConfigError, CurationConfig, StageSpec, parse_config
+from pipeline.config import RESOURCES, ConfigError, CurationConfig, StageSpec, parse_config
 from pipeline.curate import apply_verdicts, verdict_columns
 from pipeline.curate import stage_names as funnel_names
 from pipeline.lease import LEASE_PATH, OutputLease
@@ -123,7 +123,8 @@ def _changed_settings(old: CurationConfig, new: CurationConfig) -> str:
     changes = []
     for name in sorted(set(old_stages) | set(new_stages)):
         a, b = old_stages.get(name, {}), new_stages.get(name, {})
-        changes += [f"{name}.{key}" for key in sorted(set(a) | set(b)) if a.get(key) != b.get(key)]
+        changes += [f"{name}.{key}" for key in sorted(set(a) | set(b))
+                    if a.get(key) != b.get(key) and key != RESOURCES]  # resources never change a result
     return ", ".join(changes) or "stage order"
 
 
