@@ -1,7 +1,7 @@
 """vlcurate against Data-Juicer on the same corpus, back to back: wall time, start-up included.
 
     bash ../shared/bench/data-juicer.sh            # once: builds Data-Juicer's venv and the corpus under $B
-    .venv/bin/python bench/peer.py [--bench /tmp/dj-bench] [--rounds 2]
+    .venv/bin/python bench/peer.py [--bench /tmp/dj-bench] [--rounds 2] [--set language.lingua=false]
 
 Each round runs Data-Juicer's equivalent op chain (recipe B of the peer script: HTML and link cleaning, length,
 special characters, fastText language, image shape, aspect ratio) on ``$B/corpus/dj/flickr-rep`` and then
@@ -36,6 +36,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--bench", default=os.environ.get("B", "/tmp/dj-bench"), help="the peer script's folder")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="STAGE.KEY=VALUE",
+                        help="settings for vlcurate's run, e.g. language.lingua=false (fastText alone, as the peer)")
     args = parser.parse_args()
     bench = Path(args.bench)
     corpus = bench / "corpus" / "flickr-rep"
@@ -46,7 +48,7 @@ def main():
     dj = ["bash", "-c", "source dj/env.sh && venv/bin/python dj_bench.py dj/recipe_B_bench.yaml --runs 1 "
           "--json results/peer_B.json --logdir results/peer_logs"]
     vlcurate = [str(ROOT / ".venv" / "bin" / "vlcurate"), "run", str(ROOT / "configs" / "qwen-vl-rules.yaml"),
-                "--input", str(corpus), "--quiet"]
+                "--input", str(corpus), "--quiet", *(["--set", *args.overrides] if args.overrides else [])]
     print(f"{samples} samples ({corpus}), {os.cpu_count()} CPU cores")
     print(f"{'round':<8}{'Data-Juicer s':>15}{'vlcurate s':>12}{'ratio':>8}")
     for round_number in range(1, args.rounds + 1):

@@ -1,0 +1,411 @@
+"""Cost of the qwen-vl recipe's model stages at real size, and what 100M samples cost.
+
+    .venv/bin/python bench/real_models.py [--batches 1 8 32] [--threads 1] [--max-batch-seconds 300]
+                                          [--mfu 0.4] [--models FOLDER] [--set capfilt.max_length=20 ...]
+
+The models are ``models.real_size``'s (built on first use, then cached): open_clip ViT-L-14 and BLIP-large
+captioner and ITM filter with random weights. Random weights cost what trained ones cost, with one exception said
+below (caption length). Settings (image sizes, ``num_captions``, ``max_length``, prompt, ...) are the recipe's,
+read from configs/qwen-vl.yaml (``--set`` changes them, as for ``vlcurate run``). Inputs are real Flickr8k photos,
+decoded as the decode stage does (384-px squares), with their crowd captions.
+
+Each stage is measured in a fresh process, the way a Ray actor holds one model stage, through the same classes
+the stages call (``ClipScorer``, ``BlipCaptioner``, ``BlipItmFilter``):
+
+* FLOPs per image: ``torch.utils.flop_counter.FlopCounterMode`` around one image's work, with formulas added for
+  the two attention kernels it does not count on CPU (``nn.MultiheadAttention``'s fused path, which open_clip's
+  ViT takes, and the CPU flash-attention kernel of ``scaled_dot_product_attention``); a multiply-add is 2 FLOPs.
+  clip_score: image tower at 224 px and text tower (77 tokens) for one caption. capfilt captioner: the vision tower
+  once per synthetic caption (the captioner repeats each image's pixel rows, one per caption to write) plus the
+  generation of ``num_captions`` captions up to ``max_length`` tokens with the KV cache; random weights almost
+  never draw the end token, so every caption runs to ``max_length`` (an upper bound: trained models stop at the
+  end of the caption). capfilt ITM: the vision tower once per image at 384 px and the text encoder with
+  cross-attention for the web caption and each synthetic caption (stand-ins: the photo's other crowd captions).
+* Memory: the process's RSS after loading, and its peak (``ru_maxrss``) over loading and every batch that ran.
+* CPU throughput: images/s per batch size with ``--threads`` torch threads (one CPU actor: one thread), after a
+  warm-up. A batch size whose predicted time exceeds ``--max-batch-seconds`` is skipped, and said so.
+* GPU (when ``torch.cuda.is_available()``): the same in bf16 autocast (the recipe's precision) at
+  ``--gpu-batches``, with the achieved TFLOP/s (measured FLOPs x images/s) and the peak CUDA memory allocated.
+
+Then a sizing table for 100M samples reaching the model stages: GPU-hours on one H100 from the measured FLOPs at
+an assumed model FLOP utilisation (``--mfu``) of its 989 TFLOP/s dense bf16 peak, and CPU core-hours from the
+best measured CPU throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RECIPE = ROOT / "configs" / "qwen-vl.yaml"
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+H100_BF16_DENSE_TFLOPS = 989.0
+SAMPLES_SIZED = 100_000_000
+STAGES = ("clip_score", "captioner", "itm")
+RECIPE_STAGE = {"clip_score": "clip_score", "captioner": "capfilt", "itm": "capfilt"}  # whose settings each uses
+
+
+@dataclass
+class Sample:
+    key: str
+    image: object  # PIL image, decoded as the decode stage does
+    caption: str
+    other_captions: list[str]
+
+
+@dataclass
+class StageReport:
+    stage: str
+    description: str
+    gflop_per_image: float
+    flop_parts: list[tuple[str, float]]  # (what, GFLOP per image), summing to gflop_per_image
+    repeated_gflop: float  # of which spent encoding an image the stage already encoded
+    load_seconds: float
+    rss_loaded_gib: float
+    rss_peak_gib: float
+    cpu_images_per_s: dict[int, float] = field(default_factory=dict)
+    cpu_skipped: dict[int, float] = field(default_factory=dict)  # batch size -> predicted seconds
+    gpu_images_per_s: dict[int, float] = field(default_factory=dict)
+    gpu_peak_gib: float | None = None
+
+
+# --- inputs ------------------------------------------------------------------------------------------------------
+
+
+def flickr_samples(count: int, size: int) -> list[Sample]:
+    """The first ``count`` Flickr8k samples (photo, caption, the photo's other crowd captions), cycling when a
+    shard holds fewer."""
+    from stages.image_decode import decode_square
+
+    samples: list[Sample] = []
+    for shard in sorted(FLICKR.glob("*.tar")):
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shard) as archive:
+            for member in archive:
+                key, _, suffix = member.name.partition(".")
+                members.setdefault(key, {})[suffix] = archive.extractfile(member).read()
+        for key, parts in members.items():
+            captions = json.loads(parts["json"]).get("captions") or []
+            caption = parts["txt"].decode()
+            others = [c for c in captions if c != caption] or [caption]
+            samples.append(Sample(key, decode_square(parts["jpg"], size), caption, others))
+            if len(samples) == count:
+                return samples
+    if not samples:
+        raise SystemExit(f"no Flickr8k shards in {FLICKR}")
+    return [samples[i % len(samples)] for i in range(count)]
+
+
+# --- the three workloads, through the classes the stages use -----------------------------------------------------
+
+
+class ClipWorkload:
+    repeated_gflop = 0.0
+
+    def __init__(self, models: dict, settings: dict, device: str, precision: str):
+        from models.clip import ClipScorer
+
+        self.scorer = ClipScorer(models["clip_model"], models["clip_pretrained"], "", device, precision)
+        self.description = f"{models['clip_model']} at {settings['clip_score'].image_size} px, 1 caption"
+
+    def __call__(self, samples: list[Sample]) -> None:
+        self.scorer.score([s.image for s in samples], [s.caption for s in samples])
+
+    def flop_parts(self, sample: Sample, total: float) -> list[tuple[str, float]]:
+        import torch
+
+        pixels = self.scorer.preprocess(sample.image).unsqueeze(0).to(self.scorer.device)
+        with torch.inference_mode():
+            image = count_flops(lambda: self.scorer.model.encode_image(pixels)) / 1e9
+        return [("image tower", image), ("text tower, 77 tokens", total - image)]
+
+
+def blip_vision_gflop(model, processor, sample: Sample, device: str) -> float:
+    """One pass of a BLIP model's vision tower on one image."""
+    import torch
+
+    pixels = processor(images=[sample.image], return_tensors="pt")["pixel_values"].to(device)
+    with torch.inference_mode():
+        return count_flops(lambda: model.vision_model(pixel_values=pixels)) / 1e9
+
+
+class CaptionerWorkload:
+    repeated_gflop = 0.0  # known once flop_parts has run
+
+    def __init__(self, models: dict, settings: dict, device: str, precision: str):
+        from models.blip import BlipCaptioner
+
+        p = settings["capfilt"]
+        self.captioner = BlipCaptioner(models["captioner"], device, precision, p.prompt, p.top_p,
+                                       p.repetition_penalty, p.min_length, p.max_length)
+        self.num_captions, self.max_length, self.device = p.num_captions, p.max_length, device
+        self.description = f"BLIP-large, {p.num_captions} captions, max_length {p.max_length}"
+
+    def __call__(self, samples: list[Sample]) -> None:
+        self.captioner.caption([s.image for s in samples], self.num_captions, list(range(len(samples))))
+
+    def flop_parts(self, sample: Sample, total: float) -> list[tuple[str, float]]:
+        """The vision tower runs once per synthetic caption (each image's pixel rows are repeated)."""
+        vision = blip_vision_gflop(self.captioner.model, self.captioner.processor, sample, self.device)
+        passes = self.num_captions
+        self.repeated_gflop = vision * (passes - 1)
+        return [(f"vision tower, {passes} passes of {vision:.1f}", vision * passes),
+                (f"generation, {passes} x {self.max_length} tokens", total - vision * passes)]
+
+
+class ItmWorkload:
+    repeated_gflop = 0.0
+
+    def __init__(self, models: dict, settings: dict, device: str, precision: str):
+        from models.blip import BlipItmFilter
+
+        self.itm = BlipItmFilter(models["filter"], device, precision)
+        self.device = device
+        self.captions_per_image = 1 + settings["capfilt"].num_captions
+        self.description = f"BLIP-large ITM at 384 px, {self.captions_per_image} captions"
+
+    def __call__(self, samples: list[Sample]) -> None:
+        images, texts = [], []
+        for sample in samples:
+            stand_ins = [sample.other_captions[i % len(sample.other_captions)]
+                         for i in range(self.captions_per_image - 1)]
+            images += [sample.image] * self.captions_per_image
+            texts += [sample.caption, *stand_ins]
+        self.itm.match_probability(images, texts)
+
+    def flop_parts(self, sample: Sample, total: float) -> list[tuple[str, float]]:
+        vision = blip_vision_gflop(self.itm.model, self.itm.processor, sample, self.device)
+        return [("vision tower, 1 pass", vision),
+                (f"text encoder with cross-attention, {self.captions_per_image} pairs", total - vision)]
+
+
+WORKLOADS = {"clip_score": ClipWorkload, "captioner": CaptionerWorkload, "itm": ItmWorkload}
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+
+
+def attention_flop_formulas() -> dict:
+    """FLOP formulas for the attention kernels FlopCounterMode leaves uncounted on CPU."""
+    import torch
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def fused_multi_head_attention(query, key, value, embed_dim, *_, out_shape=None, **__):
+        batch, query_length, width = query
+        key_length = key[1]
+        projections = 2 * batch * (2 * query_length + 2 * key_length) * width * width  # q, k, v in; out
+        return projections + 4 * batch * query_length * key_length * width  # scores and weighted values
+
+    def cpu_flash_attention(query, key, value, *_, out_shape=None, **__):
+        return sdpa_flop_count(query, key, value)
+
+    aten = torch.ops.aten
+    return {aten._native_multi_head_attention: fused_multi_head_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_attention}
+
+
+def count_flops(work) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
+    with counter:
+        work()
+    return counter.get_total_flops()
+
+
+def rss_gib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kilobytes on Linux
+
+
+def timed(work, samples: list[Sample], device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    work(samples)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
+def cpu_throughput(work, samples: list[Sample], batches: list[int], max_seconds: float, report: StageReport,
+                   seconds_per_image: float) -> None:
+    """images/s per batch size; ``seconds_per_image`` (from the warm-up) predicts each batch's time first."""
+    for batch in batches:
+        predicted = seconds_per_image * batch
+        if predicted > max_seconds:
+            report.cpu_skipped[batch] = predicted
+            continue
+        seconds = timed(work, samples[:batch], "cpu")
+        report.cpu_images_per_s[batch] = batch / seconds
+        seconds_per_image = seconds / batch
+        print(f"  {report.stage}: cpu batch {batch}: {batch / seconds:.3f} images/s", flush=True)
+
+
+def gpu_throughput(kind: str, models: dict, settings: dict, samples: list[Sample], batches: list[int],
+                   report: StageReport) -> None:
+    """images/s on the GPU per batch size in the recipe's precision (bf16 autocast), after a warm-up batch, and
+    the peak CUDA memory allocated."""
+    import torch
+
+    work = WORKLOADS[kind](models, settings, "cuda", settings[RECIPE_STAGE[kind]].precision)
+    torch.cuda.reset_peak_memory_stats()
+    work(samples[:min(batches)])
+    for batch in batches:
+        report.gpu_images_per_s[batch] = batch / timed(work, samples[:batch], "cuda")
+    report.gpu_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+
+
+def measure_stage(kind: str, models: dict, overrides: list[str], args: argparse.Namespace) -> StageReport:
+    """One stage in this (fresh) process: load, count FLOPs on one image (also the warm-up), time the batches."""
+    import torch
+
+    from pipeline.config import load_config
+
+    torch.set_num_threads(args.threads)
+    settings = {spec.name: spec.params for spec in load_config(RECIPE, overrides).stages}
+    samples = flickr_samples(max([*args.batches, *(args.gpu_batches if args.gpu else [])]),
+                             settings["decode"].size)
+    started = time.perf_counter()
+    work = WORKLOADS[kind](models, settings, "cpu", "fp32")
+    load_seconds = time.perf_counter() - started
+    rss_loaded = rss_gib()
+    started = time.perf_counter()
+    flops = count_flops(lambda: work(samples[:1]))
+    warm_seconds = time.perf_counter() - started
+    parts = work.flop_parts(samples[0], flops / 1e9)
+    report = StageReport(kind, work.description, flops / 1e9, parts, work.repeated_gflop, load_seconds,
+                         rss_loaded, 0.0)
+    print(f"  {kind}: loaded in {load_seconds:.1f} s, {flops / 1e9:.1f} GFLOP/image, one image in "
+          f"{warm_seconds:.1f} s (FLOP count and warm-up)", flush=True)
+    cpu_throughput(work, samples, args.batches, args.max_batch_seconds, report, warm_seconds)
+    report.rss_peak_gib = peak_rss_gib()
+    if args.gpu:
+        del work
+        gpu_throughput(kind, models, settings, samples, args.gpu_batches, report)
+    return report
+
+
+def measure_in_fresh_process(kind: str, models: dict, overrides: list[str], args) -> StageReport:
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(measure_stage, kind, models, overrides, args).result()
+
+
+# --- tables ------------------------------------------------------------------------------------------------------
+
+
+def print_stage_table(reports: list[StageReport], args) -> None:
+    batch_columns = "".join(f"{f'img/s b{b}':>12}" for b in args.batches)
+    print(f"\nPer model stage, CPU fp32, {args.threads} torch thread(s) (one actor):")
+    print(f"{'stage':<11}{'what':<44}{'GFLOP/img':>10}{'load s':>8}{'RSS load':>9}{'RSS peak':>9}{batch_columns}")
+    for r in reports:
+        rates = "".join(f"{r.cpu_images_per_s[b]:>12.3f}" if b in r.cpu_images_per_s else f"{'skipped':>12}"
+                        for b in args.batches)
+        print(f"{r.stage:<11}{r.description:<44}{r.gflop_per_image:>10.1f}{r.load_seconds:>8.1f}"
+              f"{r.rss_loaded_gib:>9.2f}{r.rss_peak_gib:>9.2f}{rates}")
+    for r in reports:
+        for batch, predicted in r.cpu_skipped.items():
+            print(f"  {r.stage}: batch {batch} not run (predicted {predicted:.0f} s > --max-batch-seconds "
+                  f"{args.max_batch_seconds:.0f})")
+        parts = "; ".join(f"{what} {gflop:.1f}" for what, gflop in r.flop_parts)
+        print(f"  {r.stage} GFLOP/image: {parts}")
+    print("  RSS in GiB: after loading, and the peak over loading and the batches run; BLIP's safetensors weights "
+          "are memory-mapped and count once touched")
+
+
+def print_gpu_table(reports: list[StageReport], args) -> None:
+    print("\nPer model stage, GPU bf16 autocast (images/s, achieved TFLOP/s):")
+    for r in reports:
+        cells = ", ".join(f"b{b}: {rate:.1f} img/s = {rate * r.gflop_per_image / 1e3:.1f} TFLOP/s"
+                          for b, rate in r.gpu_images_per_s.items())
+        print(f"{r.stage:<11}{cells}; peak CUDA memory {r.gpu_peak_gib:.1f} GiB")
+
+
+def print_sizing_table(reports: list[StageReport], args) -> None:
+    effective = H100_BF16_DENSE_TFLOPS * args.mfu * 1e12
+    print(f"\nSizing for {SAMPLES_SIZED / 1e6:.0f}M samples reaching the model stages (the rules drop a share "
+          f"first: scale by the share they keep)")
+    print(f"ASSUMPTION: H100 at {args.mfu:.0%} model FLOP utilisation of {H100_BF16_DENSE_TFLOPS:.0f} TFLOP/s "
+          f"dense bf16 = {effective / 1e12:.0f} TFLOP/s effective")
+    print(f"{'stage':<11}{'GFLOP/img':>10}{'H100 GPU-h':>12}{'CPU img/s/core':>16}{'CPU core-h':>14}")
+    totals = {"flop": 0.0, "gpu": 0.0, "cpu": 0.0}
+    for r in reports:
+        gpu_hours = SAMPLES_SIZED * r.gflop_per_image * 1e9 / effective / 3600
+        per_core = max(r.cpu_images_per_s.values(), default=0.0) / args.threads
+        core_hours = SAMPLES_SIZED / per_core / 3600 if per_core else float("nan")
+        totals["flop"] += r.gflop_per_image
+        totals["gpu"] += gpu_hours
+        totals["cpu"] += core_hours
+        print(f"{r.stage:<11}{r.gflop_per_image:>10.1f}{gpu_hours:>12,.0f}{per_core:>16.4f}{core_hours:>14,.0f}")
+    print(f"{'total':<11}{totals['flop']:>10.1f}{totals['gpu']:>12,.0f}{'':>16}{totals['cpu']:>14,.0f}")
+    repeated = sum(r.repeated_gflop for r in reports)
+    if repeated:
+        print(f"of which {repeated:.1f} GFLOP/image ({repeated / totals['flop']:.0%}) encode an image again: the "
+              f"captioner runs the vision tower once per caption")
+
+
+def print_machine(args) -> None:
+    import torch
+
+    load = os.getloadavg()
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; torch {torch.__version__}; "
+          f"CUDA {'yes: ' + torch.cuda.get_device_name() if args.gpu else 'no'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="CPU batch sizes")
+    parser.add_argument("--gpu-batches", type=int, nargs="+", default=[32, 128], help="GPU batch sizes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one CPU actor: 1)")
+    parser.add_argument("--max-batch-seconds", type=float, default=300.0,
+                        help="skip a CPU batch size predicted to take longer")
+    parser.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation on the H100")
+    parser.add_argument("--models", default=None, help="models.real_size folder (default: its cache folder)")
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.KEY=VALUE",
+                        help="change a recipe setting, as for vlcurate run")
+    args = parser.parse_args()
+    import torch
+
+    from models.real_size import real_size_models
+
+    args.gpu = torch.cuda.is_available()
+    print_machine(args)
+    started = time.perf_counter()
+    models = real_size_models(args.models)
+    models.pop("built")
+    print(f"models ready in {time.perf_counter() - started:.1f} s")
+    reports = []
+    for kind in args.stages:
+        reports.append(measure_in_fresh_process(kind, models, args.overrides, args))
+    print_stage_table(reports, args)
+    if args.gpu:
+        print_gpu_table(reports, args)
+    print_sizing_table(reports, args)
+    print_machine(args)
+
+
+if __name__ == "__main__":
+    main()
