@@ -60,8 +60,8 @@ def test_clip_export_loads_in_open_clip_and_in_the_score_stage(clip_run, synth):
     model = open_clip.create_model("vlcurate-tiny-clip", pretrained=str(export / "checkpoint.pt"))
     assert model.visual.image_size == (32, 32)
     images, captions = photos_and_captions(sorted(synth.glob("*.tar"))[-1], 64)
-    entry = {"stage": "clip_score", "model": f"local-dir:{export}", "pretrained": "", "num_gpus": 0,
-             "image_size": 64}
+    entry = {"stage": "clip_score", "model": f"local-dir:{export}", "pretrained": "",
+             "resources": {"num_gpus": 0}, "image_size": 64}
     matched = [r["clip_score"] for r in curate([entry], captions, images)]
     shuffled = [r["clip_score"] for r in curate([entry], captions[1:] + captions[:1], images)]
     assert np.mean(matched) > np.mean(shuffled) + 0.05  # the trained CLIP scores true pairs higher
@@ -87,7 +87,7 @@ def test_blip_captioner_and_filter_learn(blip_runs):
 def test_blip_exports_plug_into_capfilt(blip_runs, synth):
     images, captions = photos_and_captions(sorted(synth.glob("*.tar"))[-1], 48)
     entry = {"stage": "capfilt", "captioner": str(blip_runs["blip-captioner"] / "export"),
-             "filter": str(blip_runs["blip-itm"] / "export"), "num_gpus": 0, "image_size": 32,
+             "filter": str(blip_runs["blip-itm"] / "export"), "resources": {"num_gpus": 0}, "image_size": 32,
              "num_captions": 2, "itm_threshold": 0.5}
     matched = curate([entry], captions, images)
     shuffled = curate([entry], captions[7:] + captions[:7], images)
