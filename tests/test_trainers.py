@@ -17,6 +17,8 @@ from helpers import curate
 from models.training.loop import run_training
 from pipeline.synth import SynthOptions, write_synth
 
+pytestmark = pytest.mark.slow  # every test here trains a model on Ray Train
+
 CONFIGS = ROOT / "configs"
 
 
