@@ -225,6 +225,10 @@ def _parse_stage(entry: dict, where: str) -> StageSpec:
         raise ConfigError(f"{where} ({name}): '{RESOURCES}' must be a mapping, e.g. {RESOURCES}: {{num_cpus: 2}}")
     resources = build_params(cls.Resources, block, f"{where} ({name}) {RESOURCES}")
     try:
+        getattr(resources, "pool_bounds", None)  # checks an actor pool's size
+    except ValueError as exc:
+        raise ConfigError(f"{where} ({name}) {RESOURCES}: {exc}") from None
+    try:
         cls(params)  # constructing validates cross-field settings (e.g. rule names) early, on the driver
     except (ValueError, KeyError) as exc:
         raise ConfigError(f"{where} ({name}): {exc}") from None

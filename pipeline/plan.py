@@ -80,7 +80,7 @@ def actor_cpus(ctx: RunContext, node_cpus: list[float]) -> dict[int, float]:
     place every actor on the smallest node, so the room is what that node has beside one source and one sink
     task, and none at all when it has no more than that (actors then reserve no CPU)."""
     wanted = {i: ctx.specs[i].resources.num_cpus for i in ctx.plan.models}
-    reserved = sum(cpus * ctx.specs[i].resources.pool_size for i, cpus in wanted.items())
+    reserved = sum(cpus * ctx.specs[i].resources.pool_bounds[1] for i, cpus in wanted.items())
     working = [cpus for cpus in node_cpus if cpus > 0] or [1.0]
     room = min(sum(working), min(working)) - source_cpus(ctx) - SINK_CPUS
     if reserved <= room or reserved == 0:
@@ -124,7 +124,7 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
         dataset = dataset.map_batches(
             ModelActor,
             fn_constructor_kwargs={"ctx": ctx, "index": index, "cpus": cpus[index]},
-            compute=ray.data.ActorPoolStrategy(size=resources.pool_size),
+            compute=ray.data.ActorPoolStrategy(min_size=resources.pool_bounds[0], max_size=resources.pool_bounds[1]),
             num_gpus=resources.num_gpus if gpus_available else 0,
             num_cpus=cpus[index],
             batch_size=resources.batch_size,

@@ -9,6 +9,7 @@ models, so both sides can use it.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -42,6 +43,13 @@ def _field_default(field: dataclasses.Field) -> Any:
 
 def _check_type(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # e.g. ``int | list[int]``: the first form that fits
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where} must be {' or '.join(_describe(o) for o in typing.get_args(hint))}, got {value!r}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {value!r}")
@@ -66,3 +74,9 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         value = {str(k): _check_type(v, item_hint, f"{where}.{k}") for k, v in value.items()}
     return value
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))

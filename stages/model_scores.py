@@ -26,8 +26,17 @@ class ModelStageParams(StageParams):
 class ModelResources(StageResources):
     device: str = "auto"  # "auto": CUDA when the actor has a GPU, else CPU
     num_gpus: float = 1.0  # per actor, fractional allowed; 0 on clusters without GPUs (checked before asking)
-    pool_size: int = 1  # actors in the pool
+    pool_size: int | list[int] = 1  # actors in the pool; [min, max]: Ray Data grows and shrinks it with the load
     batch_size: int = 32  # images per forward pass
+
+    @property
+    def pool_bounds(self) -> tuple[int, int]:
+        """(smallest, largest) number of actors: equal for a fixed pool."""
+        bounds = [self.pool_size] * 2 if isinstance(self.pool_size, int) else list(self.pool_size)
+        if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+            raise ValueError(f"pool_size must be a number of actors >= 1 or [min, max] with 1 <= min <= max, "
+                             f"got {self.pool_size!r}")
+        return bounds[0], bounds[1]
 
 
 class ModelStage(Stage):

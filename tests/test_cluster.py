@@ -146,7 +146,8 @@ def test_model_recipe_on_three_nodes_equals_one_node(three_nodes, one_node):
     assert summary["processed"] == 3 and not summary["failed"] and summary["samples"] == SYNTH_SAMPLES
     for step in ("read_and_slim", "ModelActor", "write_results"):
         assert any(ran(summary, node, step) for node in summary["steps_by_node"]), (step, summary)
-    assert summary["steps_by_node"]["worker-0"] and summary["steps_by_node"]["worker-1"], summary
+    # Three small shards may all be read and written on one worker node (the rule recipe's eight use both).
+    assert summary["steps_by_node"]["worker-0"] or summary["steps_by_node"]["worker-1"], summary
     assert not ran(summary, "head", "read_and_slim") and not ran(summary, "head", "write_results"), summary
     out = three_nodes["folder"] / "model"
     assert_same_outputs(one_node / "model", out)

@@ -75,3 +75,14 @@ def test_a_resource_written_as_a_setting_names_the_block_to_use():
         parse_config({"stages": [{"stage": "clip_score", "pretrained": "x.pt", "num_gpus": 0}]}, [])
     with pytest.raises(ConfigError, match="unknown setting"):
         parse_config({"stages": [{"stage": "html", "resources": {"num_gpu": 1}}]}, [])
+
+
+def test_an_actor_pool_is_fixed_or_grows_between_bounds():
+    def pool(value):
+        entry = {"stage": "clip_score", "pretrained": "x.pt", "resources": {"pool_size": value}}
+        return parse_config({"stages": [entry]}, []).stages[0].resources.pool_bounds
+
+    assert pool(3) == (3, 3) and pool([1, 4]) == (1, 4)
+    for wrong in ([3, 1], [0, 2], [1, 2, 3], 0, "two"):
+        with pytest.raises(ConfigError, match="pool_size"):
+            pool(wrong)

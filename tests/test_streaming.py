@@ -43,7 +43,7 @@ def test_model_recipe_outputs_are_byte_identical_whatever_the_batch_size(ray_clu
     raw = {"stages": [
         {"stage": "html"}, {"stage": "image_size", "min_side": 100}, {"stage": "decode", "size": 32},
         {"stage": "clip_score", "model": tiny_models["clip_name"], "pretrained": tiny_models["clip"]["checkpoint"],
-         "model_config": tiny_models["clip"]["model_config"], "resources": {"num_gpus": 0, "batch_size": 5},
+         "model_config": tiny_models["clip"]["model_config"], "resources": {"num_gpus": 0, "batch_size": 5, "pool_size": [1, 2]},
          "image_size": 32},
         {"stage": "capfilt", "captioner": tiny_models["blip"]["captioner"], "filter": tiny_models["blip"]["filter"],
          "resources": {"num_gpus": 0, "batch_size": 3}, "num_captions": 2, "max_length": 12, "image_size": 32,
