@@ -11,8 +11,9 @@ releasing only ever touch a record that still holds this lease's token; a holder
 over (it stalled for longer than the timeout) warns, and ``lost`` says so.
 
 Every filesystem call on the record is in ``FileLeaseStore``, behind four operations: read, create if absent,
-replace if unchanged, delete if unchanged. An object store would implement the same four with conditional requests:
-a put with ``If-None-Match: *`` instead of the exclusive link, and ``If-Match: ETAG`` for replace and delete.
+replace if unchanged, delete if unchanged. In an object store the same four are conditional requests
+(``pipeline.storage.ObjectLeaseStore``): a put with ``If-None-Match: *`` instead of the exclusive link, and
+``If-Match: ETAG`` for replace and delete.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol
 
-from pipeline.outputs import TMP_MARK
+from pipeline.storage import TMP_MARK
 
 LEASE_PATH = Path("_state", "lease.json")  # inside the output directory
 LEASE_TIMEOUT = 300.0  # seconds without heartbeat after which a lease counts as abandoned, from any host
@@ -176,6 +177,16 @@ class FileLeaseStore:
         return True
 
 
+def lease_store(output: str | os.PathLike) -> LeaseStore:
+    """The lease record of an output: a file in a local output, an object with conditional requests in an object
+    store (``pipeline.storage.ObjectLeaseStore``)."""
+    from pipeline.storage import ObjectStorage, is_remote
+
+    if is_remote(output):
+        return ObjectStorage(str(output)).lease_store(LEASE_PATH.as_posix())
+    return FileLeaseStore(Path(output) / LEASE_PATH)
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -260,7 +271,7 @@ class OutputLease:
                  warn: Callable[[str], None] = _stderr_warning):
         self.output = str(output)
         self.purpose = purpose
-        self.store = store if store is not None else FileLeaseStore(Path(output) / LEASE_PATH)
+        self.store = store if store is not None else lease_store(output)
         self.timeout, self.heartbeat = timeout, heartbeat
         self.warn = warn
         self.host, self.pid, self.pid_scope = socket.gethostname(), os.getpid(), pid_scope()

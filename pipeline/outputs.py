@@ -13,8 +13,10 @@ Layout of ``OUT``::
     stats.json                   exact totals over all completed shards
     config.yaml                  the resolved configuration of the run
 
-Every file is written under a temporary name and renamed into place, and the completion record comes last,
-so a crash at any moment leaves either a complete shard or one that the next run redoes from scratch. Output
+``OUT`` is a local folder or a URL prefix in an object store (``pipeline.storage``). Every file appears whole
+(locally: written under a temporary name and renamed into place; in an object store: one atomic put or a
+completed multipart upload), and the completion record comes last, so a crash at any moment leaves either a
+complete shard or one that the next run redoes from scratch. Readers go through the completion records. Output
 bytes do not depend on how samples were batched: a shard's tar is its parts' fragments in position order plus
 the end-of-archive blocks, and its manifest is written from the parts' rows joined into one table.
 """
@@ -25,11 +27,7 @@ import collections
 import dataclasses
 import json
 import os
-import re
-import shutil
-import stat
 import tarfile
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,59 +36,101 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.shards import byte_sum
+from pipeline.storage import TMP_MARK, LocalStorage, open_storage
 
-TMP_MARK = ".tmp-"
 MANIFEST_EXCLUDED = ("image", "metadata_json")
-PARTS = "parts"
+SHARDS, MANIFESTS, STATE = "shards", "manifests", "_state"
+PARTS = f"{STATE}/parts"
+
+__all__ = ["TMP_MARK"]
 
 
 class OutputDir:
+    """An output directory, local or in an object store (``pipeline.storage``); files are named relative to it."""
+
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.shards = self.root / "shards"
-        self.manifests = self.root / "manifests"
-        self.state = self.root / "_state"
+        self.store = open_storage(root)
+        self.root = self.store.root  # a Path for a local folder, the URL otherwise
+        self.remote = self.store.remote
+
+    def __str__(self) -> str:
+        return str(self.store)
 
     def create(self) -> None:
-        for folder in (self.shards, self.manifests, self.state):
-            folder.mkdir(parents=True, exist_ok=True)
+        if not self.remote:
+            for folder in (SHARDS, MANIFESTS, STATE):
+                (self.root / folder).mkdir(parents=True, exist_ok=True)
 
-    def shard_path(self, stem: str) -> Path:
-        return self.shards / f"{stem}.tar"
+    @staticmethod
+    def shard_name(stem: str) -> str:
+        return f"{SHARDS}/{stem}.tar"
 
-    def manifest_path(self, stem: str) -> Path:
-        return self.manifests / f"{stem}.parquet"
+    @staticmethod
+    def manifest_name(stem: str) -> str:
+        return f"{MANIFESTS}/{stem}.parquet"
 
-    def done_path(self, stem: str) -> Path:
-        return self.state / f"{stem}.done.json"
+    @staticmethod
+    def done_name(stem: str) -> str:
+        return f"{STATE}/{stem}.done.json"
 
-    def failed_path(self, stem: str) -> Path:
-        return self.state / f"{stem}.failed.json"
+    @staticmethod
+    def failed_name(stem: str) -> str:
+        return f"{STATE}/{stem}.failed.json"
 
-    def parts_dir(self, stem: str) -> Path:
-        return self.state / PARTS / stem
+    @staticmethod
+    def parts_name(stem: str) -> str:
+        return f"{PARTS}/{stem}"
+
+    def shard_path(self, stem: str):
+        return self.store.location(self.shard_name(stem))
+
+    def manifest_path(self, stem: str):
+        return self.store.location(self.manifest_name(stem))
+
+    def done_path(self, stem: str):
+        return self.store.location(self.done_name(stem))
+
+    def read_bytes(self, name: str) -> bytes:
+        return self.store.read_bytes(name)
+
+    def write_bytes(self, name: str, data: bytes, durable: bool = True) -> None:
+        self.store.write_bytes(name, data, durable)
+
+    def write_json(self, name: str, payload: Any) -> None:
+        self.store.write_bytes(name, json_bytes(payload))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads(self.store.read_bytes(name))
+
+    def is_file(self, name: str) -> bool:
+        return self.store.is_file(name)
+
+    def delete(self, name: str) -> None:
+        self.store.delete(name)
+
+    def read_manifest(self, stem: str, columns: list[str] | None = None) -> pa.Table:
+        with self.store.open_input(self.manifest_name(stem)) as source:
+            return pq.read_table(source, columns=columns)
+
+    def manifest_stems(self) -> list[str]:
+        return [name[: -len(".parquet")] for name in self.store.list_names(MANIFESTS, ".parquet")]
+
+    def polars_manifests(self, stems: list[str] | None = None) -> tuple[list[str], dict | None]:
+        """The manifests as sources for ``polars.scan_parquet``: paths or URLs, and storage options."""
+        stems = self.manifest_stems() if stems is None else stems
+        return self.store.polars_source([self.manifest_name(stem) for stem in stems])
 
     def remove_empty_parts_folder(self) -> None:
-        try:
-            (self.state / PARTS).rmdir()  # only when empty: parts of shards in flight elsewhere stay
-        except OSError:
-            pass
+        self.store.remove_empty_folder(PARTS)  # only when empty: parts of shards in flight elsewhere stay
 
     def clear_parts(self, stem: str) -> None:
         """Remove a shard's work in progress (an earlier attempt's parts must never be joined with new ones)."""
-        shutil.rmtree(self.parts_dir(stem), ignore_errors=True)
+        self.store.delete_folder(self.parts_name(stem))
 
     def remove_temporary_files(self) -> int:
-        """Delete what an interrupted run left half-written: only regular files (never links or folders) whose
-        names end in vlcurate's temporary mark with its random suffix. Returns how many were removed."""
-        removed = 0
-        for folder in (self.shards, self.manifests, self.state, self.root):
-            if folder.is_dir() and not folder.is_symlink():
-                for path in folder.iterdir():
-                    if _TEMPORARY_NAME.fullmatch(path.name) and stat.S_ISREG(path.lstat().st_mode):
-                        path.unlink(missing_ok=True)
-                        removed += 1
-        return removed
+        """Delete what an interrupted run left half-written (temporary files locally, open uploads in an object
+        store). Returns how many were removed."""
+        return self.store.remove_temporary_files([SHARDS, MANIFESTS, STATE, ""])
 
     def done_records(self) -> dict[str, dict]:
         return self._records(".done.json")
@@ -102,21 +142,17 @@ class OutputDir:
         """Records by shard stem; the stem comes from the record's file name (never from its content), so an
         edited record cannot point a later write elsewhere."""
         records = {}
-        if self.state.is_dir():
-            for path in sorted(self.state.glob(f"*{suffix}")):
-                stem = path.name[: -len(suffix)]
-                if not is_safe_stem(stem) or not stat.S_ISREG(path.lstat().st_mode):
-                    continue
-                try:
-                    record = json.loads(path.read_text())
-                except (ValueError, OSError):
-                    continue  # unreadable: the shard counts as not done, and is redone
-                if isinstance(record, dict):
-                    records[stem] = {**record, "stem": stem}
+        for name in self.store.list_names(STATE, suffix):
+            stem = name[: -len(suffix)]
+            if not is_safe_stem(stem):
+                continue
+            try:
+                record = json.loads(self.store.read_bytes(f"{STATE}/{name}"))
+            except (ValueError, OSError):
+                continue  # unreadable: the shard counts as not done, and is redone
+            if isinstance(record, dict):
+                records[stem] = {**record, "stem": stem}
         return records
-
-
-_TEMPORARY_NAME = re.compile(r".+" + re.escape(TMP_MARK) + r"[0-9a-f]{12}")
 
 
 def is_safe_stem(stem: str) -> bool:
@@ -124,30 +160,17 @@ def is_safe_stem(stem: str) -> bool:
     return bool(stem) and not stem.startswith(".") and "/" not in stem and "\\" not in stem and stem.isprintable()
 
 
+def json_bytes(payload: Any) -> bytes:
+    return (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+
+
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write to a temporary name in the same folder, rename into place; ``durable``: fsync the file before and
-    the folder after the rename (outputs and records; work in progress skips it)."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        with open(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # only still there when writing failed
-    if durable:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)  # the rename itself is durable before the completion record follows
-        finally:
-            os.close(folder)
+    """Replace a local file atomically (see ``LocalStorage.write_bytes``)."""
+    LocalStorage(Path(path).parent).write_bytes(Path(path).name, data, durable)
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, json_bytes(payload))
 
 
 def annotation_columns(table: pa.Table) -> list[str]:
@@ -254,12 +277,10 @@ def _part_name(first: int) -> str:
 def write_part(out: OutputDir, stem: str, source: str, table: pa.Table, timing: dict[str, dict]) -> PartInfo:
     """Write one run of consecutive, judged samples: its tar fragment and its manifest rows (Arrow IPC)."""
     first = table.column("position")[0].as_py()
-    folder = out.parts_dir(stem)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = out.parts_name(stem)
     fragment = tar_fragment(table, source)
-    atomic_write_bytes(folder / f"{_part_name(first)}.tar", fragment, durable=False)
-    atomic_write_bytes(folder / f"{_part_name(first)}.arrow", ipc_bytes(manifest_table(table, source)),
-                       durable=False)
+    out.write_bytes(f"{folder}/{_part_name(first)}.tar", fragment, durable=False)
+    out.write_bytes(f"{folder}/{_part_name(first)}.arrow", ipc_bytes(manifest_table(table, source)), durable=False)
     return PartInfo(first=first, rows=table.num_rows, tar_bytes=len(fragment), timing=timing)
 
 
@@ -274,10 +295,8 @@ def write_carry(out: OutputDir, stem: str, table: pa.Table) -> None:
     """Rows that wait in the parts folder while the model actors score their slim copies."""
     first = table.column("position")[0].as_py()
     last = first + table.num_rows - 1
-    folder = out.parts_dir(stem)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(folder / f"carry-{_part_name(first)}-{_part_name(last)}.arrow", ipc_bytes(table),
-                       durable=False)
+    out.write_bytes(f"{out.parts_name(stem)}/carry-{_part_name(first)}-{_part_name(last)}.arrow", ipc_bytes(table),
+                    durable=False)
 
 
 def read_carry(out: OutputDir, stem: str, first: int, rows: int, columns: list[str] | None = None) -> pa.Table:
@@ -285,13 +304,14 @@ def read_carry(out: OutputDir, stem: str, first: int, rows: int, columns: list[s
     whichever carry files hold them."""
     last = first + rows - 1
     pieces = []
-    for path in sorted(out.parts_dir(stem).glob("carry-*.arrow")):
-        if TMP_MARK in path.name:
+    folder = out.parts_name(stem)
+    for name in out.store.list_names(folder, ".arrow"):
+        if not name.startswith("carry-") or TMP_MARK in name:
             continue
-        start, end = (int(x) for x in path.stem.split("-")[1:3])
+        start, end = (int(x) for x in name[: -len(".arrow")].split("-")[1:3])
         if end < first or start > last:
             continue
-        with pa.memory_map(str(path)) as source:
+        with out.store.open_input(f"{folder}/{name}") as source:
             table = pa.ipc.open_file(source).read_all()
         if columns is not None:
             table = table.select(columns)
@@ -314,14 +334,12 @@ def parts_cover(parts: list[PartInfo], total: int) -> bool:
 
 class ShardWriter:
     """Writes one shard's outputs in position order, a run of samples at a time: tar members stream into the
-    shard's temporary file, manifest rows (small: no image bytes) are kept until ``commit`` writes the manifest,
-    the completion record last, and renames everything into place."""
+    shard's file (a temporary file renamed into place, or an object upload completed at the end), manifest rows
+    (small: no image bytes) are kept until ``commit`` writes the manifest, then the completion record, last."""
 
     def __init__(self, out: OutputDir, stem: str, source: str):
         self.out, self.stem, self.source = out, stem, source
-        path = out.shard_path(stem)
-        self.tmp = path.with_name(f"{path.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
-        self.file = open(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644), "wb")
+        self.file = out.store.open_writer(out.shard_name(stem))
         self.tar_bytes = 0
         self.manifests: list[pa.Table] = []
         self.timings: list[dict] = []
@@ -338,12 +356,13 @@ class ShardWriter:
         self.manifests.append(manifest_table(table, self.source))
         self.timings.append(timing)
 
-    def add_part(self, folder: Path, part: "PartInfo") -> None:
+    def add_part(self, part: PartInfo) -> None:
         """A part written by another worker (model stages), in position order."""
-        with open(folder / f"{_part_name(part.first)}.tar", "rb") as fragment:
-            shutil.copyfileobj(fragment, self.file, 8 * 2**20)
+        folder = self.out.parts_name(self.stem)
+        with self.out.store.open_input(f"{folder}/{_part_name(part.first)}.tar") as fragment:
+            self.file.copy_from(fragment)
         self.tar_bytes += part.tar_bytes
-        with pa.memory_map(str(folder / f"{_part_name(part.first)}.arrow")) as source_file:
+        with self.out.store.open_input(f"{folder}/{_part_name(part.first)}.arrow") as source_file:
             self.manifests.append(pa.ipc.open_file(source_file).read_all())
         self.timings.append(part.timing)
 
@@ -352,7 +371,7 @@ class ShardWriter:
             self.finish_tar()
             manifest = (pa.concat_tables(self.manifests, promote_options="permissive") if self.manifests
                         else empty_manifest())
-            atomic_write_bytes(self.out.manifest_path(self.stem), manifest_bytes(manifest))
+            self.out.write_bytes(self.out.manifest_name(self.stem), manifest_bytes(manifest))
             record = {
                 "stem": self.stem,
                 "source": self.source,
@@ -361,25 +380,20 @@ class ShardWriter:
                 **shard_stats(manifest.column("drop_reason").to_pylist(), stage_names),
                 "timing": sum_timing(self.timings),
             }
-            self.out.failed_path(self.stem).unlink(missing_ok=True)
-            atomic_write_json(self.out.done_path(self.stem), record)
+            self.out.delete(self.out.failed_name(self.stem))
+            self.out.write_json(self.out.done_name(self.stem), record)
             return record
         finally:
             self.abort()
 
     def finish_tar(self) -> None:
-        """End the archive, make it durable and rename it into place."""
+        """End the archive and put it in place, durably."""
         self.file.write(tar_trailer(self.tar_bytes))
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.out.shard_path(self.stem))
+        self.file.commit()
 
     def abort(self) -> None:
-        """Drop what was written (after a commit, only the already-renamed temporary name is gone)."""
-        if not self.file.closed:
-            self.file.close()
-        self.tmp.unlink(missing_ok=True)
+        """Drop what was written and not committed."""
+        self.file.abort()
 
 
 def commit_shard(out: OutputDir, stem: str, source: str, parts: list[PartInfo], total: int, stage_names: list[str],
@@ -392,7 +406,7 @@ def commit_shard(out: OutputDir, stem: str, source: str, parts: list[PartInfo], 
     writer = ShardWriter(out, stem, source)
     try:
         for part in parts:
-            writer.add_part(out.parts_dir(stem), part)
+            writer.add_part(part)
         record = writer.commit(stage_names, fingerprint, config_name)
     finally:
         writer.abort()
@@ -431,7 +445,7 @@ def shard_stats(drop_reasons: list[str | None], stage_names: list[str]) -> dict[
 
 def write_shard_failure(out: OutputDir, stem: str, source: str, reason: str, fingerprint: str) -> dict[str, Any]:
     record = {"stem": stem, "source": source, "fingerprint": fingerprint, "error": reason}
-    atomic_write_json(out.failed_path(stem), record)
+    out.write_json(out.failed_name(stem), record)
     return record
 
 

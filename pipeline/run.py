@@ -13,15 +13,14 @@ from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 import yaml
 
 from pipeline.config import RESOURCES, ConfigError, CurationConfig, StageSpec, parse_config
 from pipeline.curate import apply_verdicts, verdict_columns
 from pipeline.curate import stage_names as funnel_names
 from pipeline.lease import LEASE_PATH, OutputLease
-from pipeline.outputs import (TMP_MARK, OutputDir, PartInfo, ShardWriter, aggregate_stats, atomic_write_bytes,
-                              atomic_write_json, commit_shard, manifest_bytes, parts_cover, shard_stats,
+from pipeline.outputs import (MANIFESTS, SHARDS, STATE, TMP_MARK, OutputDir, PartInfo, ShardWriter,
+                              aggregate_stats, commit_shard, manifest_bytes, parts_cover, shard_stats,
                               write_shard_failure)
 from pipeline.raystart import init_ray
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
@@ -54,6 +53,8 @@ def prepare_output(output: str | Path) -> OutputDir:
     """Create the output directory, or check that an existing one is a vlcurate output (or empty) before
     touching anything in it. Writing into it, cleanup included, waits for its lease: see ``claim_output``."""
     out = OutputDir(output)
+    if out.remote:
+        return _prepare_remote_output(out)
     if out.root.is_symlink() and not out.root.exists():
         raise UsageError(f"output directory {out.root} is a dangling symbolic link: choose another --output")
     if out.root.exists():
@@ -62,11 +63,12 @@ def prepare_output(output: str | Path) -> OutputDir:
         # Ours: the _state folder (created before anything else is written) with a config.yaml or a lease (a run
         # that has just started); a folder that merely holds some config.yaml is someone else's, and nothing in
         # it may be created or removed.
-        is_output = (out.state.is_dir() and not out.state.is_symlink()
+        state = out.root / STATE
+        is_output = (state.is_dir() and not state.is_symlink()
                      and ((out.root / CONFIG_FILE).is_file() or os.path.lexists(out.root / LEASE_PATH)))
         if not is_output and not _only_empty_folders(out):
             raise UsageError(f"output directory {out.root} is not empty and holds no vlcurate output "
-                             f"(no {CONFIG_FILE} and {out.state.name}/): choose a new or empty --output directory")
+                             f"(no {CONFIG_FILE} and {STATE}/): choose a new or empty --output directory")
     try:
         out.create()
         probe = out.root / f".vlcurate-write-test{TMP_MARK}{os.urandom(6).hex()}"
@@ -77,9 +79,37 @@ def prepare_output(output: str | Path) -> OutputDir:
     return out
 
 
+def _prepare_remote_output(out: OutputDir) -> OutputDir:
+    """An object-store prefix: empty, or a vlcurate output (its config or lease is there); and writable."""
+    try:
+        fs, prefix = out.store.fs, out.store.prefix
+        bucket = prefix.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise UsageError(f"output {out.root}: bucket {bucket} does not exist (or is not visible with these "
+                             "credentials): create it, or check the endpoint and credentials in the environment")
+        entries = fs.ls(prefix, detail=False, refresh=True) if fs.exists(prefix) else []
+        if entries and not (out.is_file(CONFIG_FILE) or out.is_file(LEASE_PATH.as_posix())):
+            raise UsageError(f"output {out.root} is not empty and holds no vlcurate output (no {CONFIG_FILE}): "
+                             "choose a new or empty --output prefix")
+        probe = f"{STATE}/.vlcurate-write-test{TMP_MARK}{os.urandom(6).hex()}"
+        out.write_bytes(probe, b"")
+        out.delete(probe)
+    except UsageError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"output {out.root} cannot be written ({_reason(exc)}): check the endpoint and credentials "
+                         "in the environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), or choose another --output")
+    return out
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
 def _only_empty_folders(out: OutputDir) -> bool:
     """Nothing in the directory but the empty folders a run creates first (a run that has just started)."""
-    ours = {out.shards.name, out.manifests.name, out.state.name}
+    ours = {SHARDS, MANIFESTS, STATE}
     for entry in out.root.iterdir():
         if entry.name not in ours or entry.is_symlink() or not entry.is_dir() or any(entry.iterdir()):
             return False
@@ -101,13 +131,12 @@ def stage_names(config: CurationConfig) -> list[str]:
 
 
 def saved_config(out: OutputDir) -> CurationConfig | None:
-    path = out.root / CONFIG_FILE
-    if not path.is_file():
+    if not out.is_file(CONFIG_FILE):
         return None
-    return parse_config(yaml.safe_load(path.read_text()), [], source=str(path))
+    return parse_config(yaml.safe_load(out.read_bytes(CONFIG_FILE)), [], source=str(out.store.location(CONFIG_FILE)))
 
 
-def check_compatible(saved: CurationConfig, config: CurationConfig, output: Path) -> None:
+def check_compatible(saved: CurationConfig, config: CurationConfig, output) -> None:
     """Refuse to mix results computed with different annotation settings in one output directory."""
     if saved.fingerprint() != config.fingerprint():
         changed = _changed_settings(saved, config)
@@ -149,13 +178,13 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
         if out.done_records() and saved.to_dict() != config.to_dict():
             # Only thresholds differ: re-apply them to the completed shards from their manifests.
             reselected = reselect(out, config)
-    atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     remember_inputs(out, [s.url for s in shards])
     fingerprint = config.fingerprint()
     done = out.done_records()
     pending = [s for s in shards if force or done.get(s.stem, {}).get("fingerprint") != fingerprint]
     for shard in pending:  # a stale record must not vouch for outputs that are about to be replaced
-        out.done_path(shard.stem).unlink(missing_ok=True)
+        out.delete(out.done_name(shard.stem))
         out.clear_parts(shard.stem)
     ray_started = time.perf_counter()
     if pending:
@@ -202,10 +231,10 @@ INPUTS_FILE = "inputs.json"
 
 def remember_inputs(out: OutputDir, urls: list[str]) -> None:
     """Every shard ever given for this output directory, so that `vlcurate status` can list pending ones."""
-    path = out.state / INPUTS_FILE
-    known = set(json.loads(path.read_text())["shards"]) if path.is_file() else set()
+    name = f"{STATE}/{INPUTS_FILE}"
+    known = set(out.read_json(name)["shards"]) if out.is_file(name) else set()
     if not set(urls) <= known:
-        atomic_write_json(path, {"shards": sorted(known | set(urls))})
+        out.write_json(name, {"shards": sorted(known | set(urls))})
 
 
 class ShardBook:
@@ -287,23 +316,24 @@ def write_stats(out: OutputDir, config: CurationConfig) -> dict:
     failed = [f for stem, f in out.failed_records().items() if stem not in {d["stem"] for d in done}]
     stats = aggregate_stats(done, stage_names(config), failed)
     stats["config"] = config.name
-    atomic_write_json(out.root / STATS_FILE, stats)
+    out.write_json(STATS_FILE, stats)
     return stats
 
 
-def load_saved_config(output: str | Path, overrides: list[str] | None = None) -> CurationConfig:
-    path = Path(output) / CONFIG_FILE
-    if not path.is_file():
+def load_saved_config(output: str | Path | OutputDir, overrides: list[str] | None = None) -> CurationConfig:
+    out = output if isinstance(output, OutputDir) else OutputDir(output)
+    if not out.is_file(CONFIG_FILE):
         raise UsageError(f"{output} is not a vlcurate output directory (no {CONFIG_FILE}): run 'vlcurate run' first")
-    return parse_config(yaml.safe_load(path.read_text()), overrides or [], source=str(path))
+    return parse_config(yaml.safe_load(out.read_bytes(CONFIG_FILE)), overrides or [],
+                        source=str(out.store.location(CONFIG_FILE)))
 
 
-def manifests_frame(output: str | Path) -> pl.LazyFrame:
-    out = OutputDir(output)
-    files = sorted(out.manifests.glob("*.parquet"))
-    if not files:
+def manifests_frame(output: str | Path | OutputDir) -> pl.LazyFrame:
+    out = output if isinstance(output, OutputDir) else OutputDir(output)
+    sources, options = out.polars_manifests()
+    if not sources:
         raise UsageError(f"{output} has no manifests yet: run 'vlcurate run' first")
-    return pl.scan_parquet(files, missing_columns="insert", extra_columns="ignore")
+    return pl.scan_parquet(sources, missing_columns="insert", extra_columns="ignore", storage_options=options)
 
 
 def select_thresholds(output: str, overrides: list[str]) -> dict:
@@ -337,17 +367,16 @@ def reselect(out: OutputDir, config: CurationConfig) -> int:
     names = stage_names(config)
     changed_shards = 0
     for stem, record in out.done_records().items():
-        manifest = pq.read_table(out.manifest_path(stem))
+        manifest = out.read_manifest(stem)
         updated = apply_verdicts(manifest, stages)
         if all(updated.column(c).equals(manifest.column(c)) for c in verdict_columns(stages)
                if c in manifest.column_names):
             continue
         changed_shards += 1
         _rewrite_shard(out, stem, record["source"], updated, config.read)
-        atomic_write_bytes(out.manifest_path(stem), manifest_bytes(updated))
-        atomic_write_json(out.done_path(stem),
-                          {**record, **shard_stats(updated.column("drop_reason").to_pylist(), names)})
-    atomic_write_bytes(out.root / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+        out.write_bytes(out.manifest_name(stem), manifest_bytes(updated))
+        out.write_json(out.done_name(stem), {**record, **shard_stats(updated.column("drop_reason").to_pylist(), names)})
+    out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     return changed_shards
 
 
@@ -360,10 +389,10 @@ def resolve_top_fractions(out: OutputDir, stages: list) -> list:
     resolved = list(stages)
     for position, stage in enumerate(stages):
         fraction = getattr(stage.params, "top_fraction", 0.0)
-        if not fraction or not out.manifests.is_dir() or not any(out.manifests.glob("*.parquet")):
+        if not fraction or not out.manifest_stems():
             continue
         score = next(iter(stage.columns))
-        frame = manifests_frame(out.root)  # lazy: only the verdict columns and the score are read
+        frame = manifests_frame(out)  # lazy: only the verdict columns and the score are read
         if "error_stage" not in frame.collect_schema().names():
             frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
         reached = frame.filter(drop_reason_expr(resolved[:position]).is_null() & pl.col(score).is_not_null())
@@ -405,15 +434,15 @@ def _rewrite_shard(out: OutputDir, stem: str, source: str, manifest: pa.Table, r
 def shard_status(output: str, inputs: list[str] | None = None) -> dict[str, list[str]]:
     """Completed, failed and pending shards; pending is judged against ``inputs`` or every input seen so far."""
     out = OutputDir(output)
-    if not (out.root / CONFIG_FILE).is_file():
+    if not out.is_file(CONFIG_FILE):
         raise UsageError(f"{output} is not a vlcurate output directory (no {CONFIG_FILE}): run 'vlcurate run' first")
     done = out.done_records()
     failed = {stem: rec for stem, rec in out.failed_records().items() if stem not in done}
     if inputs:
         known = [s.stem for s in expand_inputs(inputs)]
     else:
-        path = out.state / INPUTS_FILE
-        known = [shard_stem(url) for url in json.loads(path.read_text())["shards"]] if path.is_file() else []
+        name = f"{STATE}/{INPUTS_FILE}"
+        known = [shard_stem(url) for url in out.read_json(name)["shards"]] if out.is_file(name) else []
     return {
         "completed": sorted(done),
         "failed": sorted(f"{stem}: {rec['error']}" for stem, rec in failed.items()),

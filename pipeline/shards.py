@@ -349,7 +349,8 @@ def iter_sample_batches(url: str, params: ReadParams | None = None) -> Iterator[
 
 def _open(url: str):
     if _is_url(url) and not url.startswith("file://"):
-        return fsspec.open(url, "rb", block_size=8 * 2**20).open()
+        fs, path = fsspec.core.url_to_fs(url)
+        return fs.open(path, "rb", block_size=8 * 2**20)  # read ahead in 8 MiB requests
     path = url[len("file://"):] if url.startswith("file://") else url
     if not _is_regular_file(path):
         raise ShardError(f"{path} is not a regular file")
