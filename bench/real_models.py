@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/real_models.py [--batches 1 8 32] [--threads 1] [--max-batch-seconds 300]
                                           [--mfu 0.4] [--models FOLDER] [--set capfilt.max_length=20 ...]
+    .venv/bin/python bench/real_models.py --gpu-only [--gpu-batches 32 128 256]   # on a GPU machine
+    .venv/bin/python bench/real_models.py --clip-load                               # CLIP loading memory only
 
 The models are ``models.real_size``'s (built on first use, then cached): open_clip ViT-L-14 and BLIP-large
 captioner and ITM filter with random weights. Random weights cost what trained ones cost, with one exception said
@@ -16,7 +18,7 @@ the stages call (``ClipScorer``, ``BlipCaptioner``, ``BlipItmFilter``):
   the two attention kernels it does not count on CPU (``nn.MultiheadAttention``'s fused path, which open_clip's
   ViT takes, and the CPU flash-attention kernel of ``scaled_dot_product_attention``); a multiply-add is 2 FLOPs.
   clip_score: image tower at 224 px and text tower (77 tokens) for one caption. capfilt captioner: the vision tower
-  once per synthetic caption (the captioner repeats each image's pixel rows, one per caption to write) plus the
+  once per image (its embeddings are repeated, one row per caption to write) plus the
   generation of ``num_captions`` captions up to ``max_length`` tokens with the KV cache; random weights almost
   never draw the end token, so every caption runs to ``max_length`` (an upper bound: trained models stop at the
   end of the caption). capfilt ITM: the vision tower once per image at 384 px and the text encoder with
@@ -24,8 +26,17 @@ the stages call (``ClipScorer``, ``BlipCaptioner``, ``BlipItmFilter``):
 * Memory: the process's RSS after loading, and its peak (``ru_maxrss``) over loading and every batch that ran.
 * CPU throughput: images/s per batch size with ``--threads`` torch threads (one CPU actor: one thread), after a
   warm-up. A batch size whose predicted time exceeds ``--max-batch-seconds`` is skipped, and said so.
-* GPU (when ``torch.cuda.is_available()``): the same in bf16 autocast (the recipe's precision) at
-  ``--gpu-batches``, with the achieved TFLOP/s (measured FLOPs x images/s) and the peak CUDA memory allocated.
+* GPU (when ``torch.cuda.is_available()``): each stage the way its actor runs on CUDA (decoded pixels copied to
+  the device as uint8, resized and normalised there, channels-last, bf16 autocast: the recipe's precision) at
+  ``--gpu-batches``, after a warm-up batch: images/s, the achieved TFLOP/s (measured FLOPs x images/s), the peak
+  CUDA memory allocated, and the forward batch ``resources.forward_batch: auto`` would pick from the measured
+  memory per image; capfilt (captioner then ITM filter) as a whole; and JPEG decoding on the device (nvJPEG, as
+  the model stages do without a decode stage) against PIL's draft decode on one core. ``--gpu-only`` leaves the
+  CPU throughput out (FLOPs are still counted on the CPU, one image per stage); ``--gpu-device cpu`` runs that
+  section's code on the CPU, to check it where there is no GPU (its figures mean nothing).
+* ``--clip-load``: the peak and final RSS of loading the ViT-L-14 checkpoint, open_clip's way (a randomly
+  initialised model, then the checkpoint copied in) against ``models.clip.load_open_clip``'s, each in a fresh
+  process.
 
 Then a sizing table for 100M samples reaching the model stages: GPU-hours on one H100 from the measured FLOPs at
 an assumed model FLOP utilisation (``--mfu``) of its 989 TFLOP/s dense bf16 peak, and CPU core-hours from the
@@ -55,6 +66,7 @@ FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
 H100_BF16_DENSE_TFLOPS = 989.0
 SAMPLES_SIZED = 100_000_000
 STAGES = ("clip_score", "captioner", "itm")
+RECIPE_DECODE_SIZE = 384  # configs/qwen-vl.yaml's decode size
 RECIPE_STAGE = {"clip_score": "clip_score", "captioner": "capfilt", "itm": "capfilt"}  # whose settings each uses
 
 
@@ -64,6 +76,7 @@ class Sample:
     image: object  # PIL image, decoded as the decode stage does
     caption: str
     other_captions: list[str]
+    data: bytes = b""  # the JPEG as stored in the shard
 
 
 @dataclass
@@ -79,7 +92,10 @@ class StageReport:
     cpu_images_per_s: dict[int, float] = field(default_factory=dict)
     cpu_skipped: dict[int, float] = field(default_factory=dict)  # batch size -> predicted seconds
     gpu_images_per_s: dict[int, float] = field(default_factory=dict)
-    gpu_peak_gib: float | None = None
+    gpu_peak_gib: dict[int, float] = field(default_factory=dict)  # batch size -> peak CUDA memory allocated
+    gpu_weights_gib: float | None = None
+    gpu_auto_batch: int | None = None  # what forward_batch "auto" picks from the measured memory per image
+    gpu_device: str = ""
 
 
 # --- inputs ------------------------------------------------------------------------------------------------------
@@ -101,7 +117,7 @@ def flickr_samples(count: int, size: int) -> list[Sample]:
             captions = json.loads(parts["json"]).get("captions") or []
             caption = parts["txt"].decode()
             others = [c for c in captions if c != caption] or [caption]
-            samples.append(Sample(key, decode_square(parts["jpg"], size), caption, others))
+            samples.append(Sample(key, decode_square(parts["jpg"], size), caption, others, parts["jpg"]))
             if len(samples) == count:
                 return samples
     if not samples:
@@ -112,17 +128,35 @@ def flickr_samples(count: int, size: int) -> list[Sample]:
 # --- the three workloads, through the classes the stages use -----------------------------------------------------
 
 
+def device_pixels(samples: list[Sample], settings, device: str):
+    """What a model actor on CUDA feeds its model: the decode stage's pixels copied to the device as uint8, then
+    resized and normalised there (channels-last on CUDA)."""
+    from models.devices import is_cuda
+    from models.imaging import pil_to_tensor
+    from stages.model_scores import model_input
+
+    images = [pil_to_tensor(s.image, "cpu") for s in samples]
+    if is_cuda(device):
+        images = [image.pin_memory().to(device, non_blocking=True) for image in images]
+    return model_input(images, settings, device)
+
+
 class ClipWorkload:
     repeated_gflop = 0.0
 
-    def __init__(self, models: dict, settings: dict, device: str, precision: str):
+    def __init__(self, models: dict, settings: dict, device: str, precision: str, tensor_path: bool = False):
         from models.clip import ClipScorer
 
         self.scorer = ClipScorer(models["clip_model"], models["clip_pretrained"], "", device, precision)
         self.description = f"{models['clip_model']} at {settings['clip_score'].image_size} px, 1 caption"
+        self.tensor_path, self.device = tensor_path, device
 
     def __call__(self, samples: list[Sample]) -> None:
-        self.scorer.score([s.image for s in samples], [s.caption for s in samples])
+        captions = [s.caption for s in samples]
+        if self.tensor_path:
+            self.scorer.score_pixels(device_pixels(samples, self.scorer.image_settings, self.device), captions)
+        else:
+            self.scorer.score([s.image for s in samples], captions)
 
     def flop_parts(self, sample: Sample, total: float) -> list[tuple[str, float]]:
         import torch
@@ -143,9 +177,9 @@ def blip_vision_gflop(model, processor, sample: Sample, device: str) -> float:
 
 
 class CaptionerWorkload:
-    repeated_gflop = 0.0  # known once flop_parts has run
+    repeated_gflop = 0.0  # the vision tower encodes each image once
 
-    def __init__(self, models: dict, settings: dict, device: str, precision: str):
+    def __init__(self, models: dict, settings: dict, device: str, precision: str, tensor_path: bool = False):
         from models.blip import BlipCaptioner
 
         p = settings["capfilt"]
@@ -153,38 +187,47 @@ class CaptionerWorkload:
                                        p.repetition_penalty, p.min_length, p.max_length)
         self.num_captions, self.max_length, self.device = p.num_captions, p.max_length, device
         self.description = f"BLIP-large, {p.num_captions} captions, max_length {p.max_length}"
+        self.tensor_path = tensor_path
 
     def __call__(self, samples: list[Sample]) -> None:
-        self.captioner.caption([s.image for s in samples], self.num_captions, list(range(len(samples))))
+        seeds = list(range(len(samples)))
+        if self.tensor_path:
+            pixels = device_pixels(samples, self.captioner.image_settings, self.device)
+            self.captioner.caption_pixels(pixels, self.num_captions, seeds)
+        else:
+            self.captioner.caption([s.image for s in samples], self.num_captions, seeds)
 
     def flop_parts(self, sample: Sample, total: float) -> list[tuple[str, float]]:
-        """The vision tower runs once per synthetic caption (each image's pixel rows are repeated)."""
+        """The vision tower runs once per image; the decoder writes ``num_captions`` captions from its output."""
         vision = blip_vision_gflop(self.captioner.model, self.captioner.processor, sample, self.device)
-        passes = self.num_captions
-        self.repeated_gflop = vision * (passes - 1)
-        return [(f"vision tower, {passes} passes of {vision:.1f}", vision * passes),
-                (f"generation, {passes} x {self.max_length} tokens", total - vision * passes)]
+        return [("vision tower, 1 pass", vision),
+                (f"generation, {self.num_captions} x {self.max_length} tokens", total - vision)]
 
 
 class ItmWorkload:
     repeated_gflop = 0.0
 
-    def __init__(self, models: dict, settings: dict, device: str, precision: str):
+    def __init__(self, models: dict, settings: dict, device: str, precision: str, tensor_path: bool = False):
         from models.blip import BlipItmFilter
 
         self.itm = BlipItmFilter(models["filter"], device, precision)
-        self.device = device
+        self.device, self.tensor_path = device, tensor_path
         self.captions_per_image = 1 + settings["capfilt"].num_captions
         self.description = f"BLIP-large ITM at 384 px, {self.captions_per_image} captions"
 
     def __call__(self, samples: list[Sample]) -> None:
-        images, texts = [], []
-        for sample in samples:
+        images, texts, rows = [], [], []
+        for row, sample in enumerate(samples):
             stand_ins = [sample.other_captions[i % len(sample.other_captions)]
                          for i in range(self.captions_per_image - 1)]
             images += [sample.image] * self.captions_per_image
+            rows += [row] * self.captions_per_image
             texts += [sample.caption, *stand_ins]
-        self.itm.match_probability(images, texts)
+        if self.tensor_path:
+            pixels = device_pixels(samples, self.itm.image_settings, self.device)
+            self.itm.match_probability_pixels(pixels, rows, texts)
+        else:
+            self.itm.match_probability(images, texts)
 
     def flop_parts(self, sample: Sample, total: float) -> list[tuple[str, float]]:
         vision = blip_vision_gflop(self.itm.model, self.itm.processor, sample, self.device)
@@ -263,17 +306,60 @@ def cpu_throughput(work, samples: list[Sample], batches: list[int], max_seconds:
 
 
 def gpu_throughput(kind: str, models: dict, settings: dict, samples: list[Sample], batches: list[int],
-                   report: StageReport) -> None:
-    """images/s on the GPU per batch size in the recipe's precision (bf16 autocast), after a warm-up batch, and
-    the peak CUDA memory allocated."""
+                   report: StageReport, device: str) -> None:
+    """images/s per batch size the way the stage's actor runs on ``device`` (CUDA: uint8 pixels to the device,
+    preprocessing there, channels-last, the recipe's precision: bf16 autocast), after a warm-up batch; the peak
+    CUDA memory allocated per batch size, and the forward batch "auto" would pick."""
     import torch
 
-    work = WORKLOADS[kind](models, settings, "cuda", settings[RECIPE_STAGE[kind]].precision)
-    torch.cuda.reset_peak_memory_stats()
+    from models.devices import activation_budget, batch_size_for_memory, is_cuda
+
+    cuda = is_cuda(device)
+    work = WORKLOADS[kind](models, settings, device, settings[RECIPE_STAGE[kind]].precision, tensor_path=True)
+    report.gpu_device = torch.cuda.get_device_name() if cuda else device
+    weights = torch.cuda.memory_allocated() if cuda else 0
+    report.gpu_weights_gib = weights / 2**30
     work(samples[:min(batches)])
+    per_image = 0.0
     for batch in batches:
-        report.gpu_images_per_s[batch] = batch / timed(work, samples[:batch], "cuda")
-    report.gpu_peak_gib = torch.cuda.max_memory_allocated() / 2**30
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        report.gpu_images_per_s[batch] = batch / timed(work, samples[:batch], device)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated()
+            report.gpu_peak_gib[batch] = peak / 2**30
+            per_image = max(per_image, (peak - weights) / batch)
+        print(f"  {kind}: {device} batch {batch}: {report.gpu_images_per_s[batch]:.2f} images/s", flush=True)
+    if cuda and per_image:
+        free, total = torch.cuda.mem_get_info()
+        allocated = torch.cuda.memory_allocated()
+        budget = activation_budget(free, total, torch.cuda.memory_reserved() - allocated, allocated, share=1.0,
+                                   fraction=0.8)  # the whole device for this stage, resources' default fraction
+        report.gpu_auto_batch = batch_size_for_memory(budget, per_image, 1 << 20)
+
+
+def decode_throughput(samples: list[Sample], size: int, device: str, seconds: float = 5.0) -> dict[str, float]:
+    """JPEGs decoded to ``size``-px squares per second: on ``device`` (nvJPEG on CUDA, all samples in one batched
+    call) and with PIL's draft decode on one CPU core (the decode stage)."""
+    import torch
+
+    from models.devices import is_cuda
+    from models.imaging import decode_on_device
+    from stages.image_decode import decode_square
+
+    datas = [s.data for s in samples]
+    rates = {}
+    for name, work in (("device", lambda: decode_on_device(datas, size, device, decode_square)),
+                       ("cpu_pil_draft", lambda: [decode_square(d, size) for d in datas])):
+        work()  # warm-up
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            work()
+            count += len(datas)
+        if is_cuda(device):
+            torch.cuda.synchronize()
+        rates[name] = count / (time.perf_counter() - started)
+    return rates
 
 
 def measure_stage(kind: str, models: dict, overrides: list[str], args: argparse.Namespace) -> StageReport:
@@ -298,12 +384,44 @@ def measure_stage(kind: str, models: dict, overrides: list[str], args: argparse.
                          rss_loaded, 0.0)
     print(f"  {kind}: loaded in {load_seconds:.1f} s, {flops / 1e9:.1f} GFLOP/image, one image in "
           f"{warm_seconds:.1f} s (FLOP count and warm-up)", flush=True)
-    cpu_throughput(work, samples, args.batches, args.max_batch_seconds, report, warm_seconds)
+    if not args.gpu_only:
+        cpu_throughput(work, samples, args.batches, args.max_batch_seconds, report, warm_seconds)
     report.rss_peak_gib = peak_rss_gib()
     if args.gpu:
+        torch.set_num_threads(os.cpu_count() or 1)
         del work
-        gpu_throughput(kind, models, settings, samples, args.gpu_batches, report)
+        gpu_throughput(kind, models, settings, samples, args.gpu_batches, report, args.gpu_device)
     return report
+
+
+def clip_load_memory(models: dict, loader: str) -> dict[str, float]:
+    """RSS (GiB) before and after loading the CLIP checkpoint in this (fresh) process, and the peak over it."""
+    import open_clip  # noqa: F401 - imported before the baseline is read, as it is by both loaders
+
+    from models.clip import load_open_clip
+
+    before = rss_gib()
+    started = time.perf_counter()
+    if loader == "open_clip":
+        loaded = open_clip.create_model_and_transforms(models["clip_model"], pretrained=models["clip_pretrained"])
+    else:
+        loaded = load_open_clip(models["clip_model"], models["clip_pretrained"])
+    seconds = time.perf_counter() - started
+    after = rss_gib()  # with the model still held
+    del loaded
+    return {"seconds": seconds, "before": before, "after": after, "peak": peak_rss_gib()}
+
+
+def print_clip_load(models: dict) -> None:
+    context = multiprocessing.get_context("spawn")
+    print(f"\nLoading {models['clip_model']} from {models['clip_pretrained']} (each in a fresh process, back to back):")
+    print(f"{'loader':<44}{'seconds':>9}{'RSS before':>12}{'RSS after':>11}{'RSS peak':>10}")
+    for loader, what in (("open_clip", "open_clip (random init, then copy)"),
+                         ("vlcurate", "models.clip.load_open_clip (meta + assign)")):
+        with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            m = pool.submit(clip_load_memory, models, loader).result()
+        print(f"{what:<44}{m['seconds']:>9.1f}{m['before']:>12.2f}{m['after']:>11.2f}{m['peak']:>10.2f}")
+    print("  RSS in GiB; the peak is ru_maxrss of the process")
 
 
 def measure_in_fresh_process(kind: str, models: dict, overrides: list[str], args) -> StageReport:
@@ -334,12 +452,32 @@ def print_stage_table(reports: list[StageReport], args) -> None:
           "are memory-mapped and count once touched")
 
 
-def print_gpu_table(reports: list[StageReport], args) -> None:
-    print("\nPer model stage, GPU bf16 autocast (images/s, achieved TFLOP/s):")
+def print_gpu_table(reports: list[StageReport], args, decode_rates: dict[str, float] | None) -> None:
+    device = next((r.gpu_device for r in reports if r.gpu_device), args.gpu_device)
+    print(f"\nPer model stage on {device}, the stage's CUDA path (uint8 pixels to the device, preprocessing there, "
+          f"channels-last, bf16 autocast):")
+    print(f"{'stage':<11}{'batch':>6}{'img/s':>10}{'TFLOP/s':>9}{'peak GiB':>10}")
+    by_stage = {r.stage: r for r in reports}
     for r in reports:
-        cells = ", ".join(f"b{b}: {rate:.1f} img/s = {rate * r.gflop_per_image / 1e3:.1f} TFLOP/s"
-                          for b, rate in r.gpu_images_per_s.items())
-        print(f"{r.stage:<11}{cells}; peak CUDA memory {r.gpu_peak_gib:.1f} GiB")
+        for batch, rate in r.gpu_images_per_s.items():
+            peak = r.gpu_peak_gib.get(batch)
+            print(f"{r.stage:<11}{batch:>6}{rate:>10.1f}{rate * r.gflop_per_image / 1e3:>9.1f}"
+                  f"{peak if peak is not None else float('nan'):>10.1f}")
+        if r.gpu_auto_batch:
+            print(f"  {r.stage}: weights {r.gpu_weights_gib:.2f} GiB; forward_batch auto would pick "
+                  f"{r.gpu_auto_batch} images (80% of the free memory)")
+    if "captioner" in by_stage and "itm" in by_stage:  # one capfilt actor runs both models on each batch
+        captioner, itm = by_stage["captioner"], by_stage["itm"]
+        gflop = captioner.gflop_per_image + itm.gflop_per_image
+        for batch in captioner.gpu_images_per_s:
+            if batch in itm.gpu_images_per_s:
+                rate = 1 / (1 / captioner.gpu_images_per_s[batch] + 1 / itm.gpu_images_per_s[batch])
+                peaks = [r.gpu_peak_gib[batch] for r in (captioner, itm) if batch in r.gpu_peak_gib]
+                print(f"{'capfilt':<11}{batch:>6}{rate:>10.1f}{rate * gflop / 1e3:>9.1f}"
+                      f"{max(peaks, default=float('nan')):>10.1f}  (captioner then ITM filter; peak: the larger)")
+    if decode_rates:
+        print(f"JPEG decode to {RECIPE_DECODE_SIZE}-px squares: {decode_rates['device']:.0f} images/s on the device, "
+              f"{decode_rates['cpu_pil_draft']:.0f} images/s with PIL draft on one CPU core")
 
 
 def print_sizing_table(reports: list[StageReport], args) -> None:
@@ -361,8 +499,8 @@ def print_sizing_table(reports: list[StageReport], args) -> None:
     print(f"{'total':<11}{totals['flop']:>10.1f}{totals['gpu']:>12,.0f}{'':>16}{totals['cpu']:>14,.0f}")
     repeated = sum(r.repeated_gflop for r in reports)
     if repeated:
-        print(f"of which {repeated:.1f} GFLOP/image ({repeated / totals['flop']:.0%}) encode an image again: the "
-              f"captioner runs the vision tower once per caption")
+        print(f"of which {repeated:.1f} GFLOP/image ({repeated / totals['flop']:.0%}) encode an image a stage "
+              f"already encoded")
 
 
 def print_machine(args) -> None:
@@ -371,13 +509,17 @@ def print_machine(args) -> None:
     load = os.getloadavg()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f}; torch {torch.__version__}; "
-          f"CUDA {'yes: ' + torch.cuda.get_device_name() if args.gpu else 'no'}")
+          f"CUDA {'yes: ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32], help="CPU batch sizes")
     parser.add_argument("--gpu-batches", type=int, nargs="+", default=[32, 128], help="GPU batch sizes")
+    parser.add_argument("--gpu-only", action="store_true", help="on a GPU machine: leave the CPU throughput out")
+    parser.add_argument("--gpu-device", default="cuda",
+                        help="device of the GPU section; 'cpu' runs its code without a GPU (a check, not a figure)")
+    parser.add_argument("--clip-load", action="store_true", help="only compare the memory of CLIP loading")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one CPU actor: 1)")
     parser.add_argument("--max-batch-seconds", type=float, default=300.0,
                         help="skip a CPU batch size predicted to take longer")
@@ -389,20 +531,26 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
+    from models.devices import is_cuda
     from models.real_size import real_size_models
 
-    args.gpu = torch.cuda.is_available()
+    args.gpu = torch.cuda.is_available() if is_cuda(args.gpu_device) else True
     print_machine(args)
     started = time.perf_counter()
     models = real_size_models(args.models)
     models.pop("built")
     print(f"models ready in {time.perf_counter() - started:.1f} s")
+    if args.clip_load:
+        print_clip_load(models)
+        return
     reports = []
     for kind in args.stages:
         reports.append(measure_in_fresh_process(kind, models, args.overrides, args))
-    print_stage_table(reports, args)
+    if not args.gpu_only:
+        print_stage_table(reports, args)
     if args.gpu:
-        print_gpu_table(reports, args)
+        rates = decode_throughput(flickr_samples(64, RECIPE_DECODE_SIZE), RECIPE_DECODE_SIZE, args.gpu_device)
+        print_gpu_table(reports, args, rates)
     print_sizing_table(reports, args)
     print_machine(args)
 

@@ -34,17 +34,34 @@ def load_blip(model_class, name_or_dir: str, device: str):
     return model, processor
 
 
+def blip_image_settings(processor) -> tuple[int, list[float], list[float]]:
+    """(square side, mean, std) of a BLIP processor's image preprocessing, for ``normalized_pixels``."""
+    image_processor = processor.image_processor
+    size = image_processor.size
+    side = size if isinstance(size, int) else size["height"]  # {"height": 384, "width": 384}: square
+    return side, list(image_processor.image_mean), list(image_processor.image_std)
+
+
+def on_device(model, device: str):
+    """The model on ``device``; on CUDA in channels-last memory format (the vision tower's patch convolution)."""
+    from models.devices import is_cuda
+
+    return model.to(memory_format=torch.channels_last) if is_cuda(device) else model
+
+
 class BlipCaptioner:
     def __init__(self, name_or_dir: str, device: str = "cpu", precision: str = "fp32", prompt: str = "a picture of ",
                  top_p: float = 0.9, repetition_penalty: float = 1.1, min_length: int = 5, max_length: int = 30):
         from transformers import BlipForConditionalGeneration
 
         self.model, self.processor = load_blip(BlipForConditionalGeneration, name_or_dir, device)
+        self.model = on_device(self.model, device)
         self.device, self.precision, self.prompt = device, precision, prompt
         self.generation = dict(do_sample=True, top_p=top_p, repetition_penalty=repetition_penalty,
                                min_length=min_length, max_length=max_length)
         words = [re.escape(w) for w in prompt.split()]
         self._prompt_prefix = re.compile(r"^\s*" + r"\s+".join(words) + r"\s*", re.IGNORECASE) if words else None
+        self.image_settings = blip_image_settings(self.processor)
 
     def strip_prompt(self, text: str) -> str:
         """Generated text starts with the prompt ("a picture of a dog ..."): keep only what follows."""
@@ -55,21 +72,40 @@ class BlipCaptioner:
     def caption(self, images: list[Image.Image], per_image: int, seeds: list[int]) -> list[list[str]]:
         """``per_image`` nucleus-sampled captions for each image; image ``i``'s captions depend only on the image
         and ``seeds[i]``, not on which other images share the batch."""
-        from transformers import LogitsProcessorList
-
         if not images:
             return []
-        inputs = self.processor(images=images, text=[self.prompt] * len(images), return_tensors="pt").to(self.device)
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+        return self.caption_pixels(pixel_values, per_image, seeds)
+
+    @torch.inference_mode()
+    def caption_pixels(self, pixel_values: torch.Tensor, per_image: int, seeds: list[int]) -> list[list[str]]:
+        """``caption`` from preprocessed pixel values (B, 3, 384, 384) already on the device.
+
+        The vision tower encodes each image once; its embeddings are repeated, one row per caption to write, for
+        the text decoder (what ``BlipForConditionalGeneration.generate`` does with its own pixel rows, without
+        encoding an image ``per_image`` times)."""
+        from transformers import LogitsProcessorList
+
+        count = pixel_values.shape[0]
+        if not count or not per_image:
+            return [[] for _ in range(count)]
         row_seeds = [seed * 1_000 + copy for seed in seeds for copy in range(per_image)]
         sampler = PerRowNucleusSampler(row_seeds, self.generation["top_p"])
         settings = {k: v for k, v in self.generation.items() if k not in ("do_sample", "top_p")}
-        pixel_values = inputs["pixel_values"].repeat_interleave(per_image, dim=0)  # one row per caption to write
-        input_ids = inputs["input_ids"].repeat_interleave(per_image, dim=0)
+        text_config = self.model.config.text_config
+        prompt = self.processor(text=[self.prompt], return_tensors="pt")["input_ids"].to(self.device)
+        prompt[:, 0] = text_config.bos_token_id  # the decoder starts from BOS; the closing [SEP] is dropped
+        input_ids = prompt[:, :-1].expand(count * per_image, -1).contiguous()
         with autocast_context(self.device, self.precision):
-            output = self.model.generate(pixel_values=pixel_values, input_ids=input_ids, do_sample=False,
-                                         logits_processor=LogitsProcessorList([sampler]), **settings)
+            image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state
+            image_embeds = image_embeds.repeat_interleave(per_image, dim=0)  # one row per caption to write
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+            output = self.model.text_decoder.generate(
+                input_ids=input_ids, eos_token_id=text_config.sep_token_id, pad_token_id=text_config.pad_token_id,
+                encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask, do_sample=False,
+                logits_processor=LogitsProcessorList([sampler]), **settings)
         texts = [self.strip_prompt(t) for t in self.processor.batch_decode(output, skip_special_tokens=True)]
-        return [texts[i * per_image:(i + 1) * per_image] for i in range(len(images))]
+        return [texts[i * per_image:(i + 1) * per_image] for i in range(count)]
 
 
 class PerRowNucleusSampler:
@@ -106,7 +142,9 @@ class BlipItmFilter:
         from transformers import BlipForImageTextRetrieval
 
         self.model, self.processor = load_blip(BlipForImageTextRetrieval, name_or_dir, device)
+        self.model = on_device(self.model, device)
         self.device, self.precision = device, precision
+        self.image_settings = blip_image_settings(self.processor)
 
     @torch.inference_mode()
     def match_probability(self, images: list[Image.Image], captions: list[str]) -> list[float]:
@@ -119,8 +157,16 @@ class BlipItmFilter:
             unique.setdefault(id(image), len(unique))
         distinct = list({id(image): image for image in images}.values())
         pixel_values = self.processor(images=distinct, return_tensors="pt")["pixel_values"].to(self.device)
+        return self.match_probability_pixels(pixel_values, [unique[id(image)] for image in images], captions)
+
+    @torch.inference_mode()
+    def match_probability_pixels(self, pixel_values: torch.Tensor, rows: list[int], captions: list[str]) -> list[float]:
+        """``match_probability`` from preprocessed pixel values of distinct images already on the device: pair
+        ``k`` is image ``rows[k]`` with ``captions[k]``; each image is encoded once."""
+        if not captions:
+            return []
         text = self.processor(text=captions, return_tensors="pt", padding=True, truncation=True).to(self.device)
-        rows = torch.tensor([unique[id(image)] for image in images], device=self.device)
+        rows = torch.tensor(rows, device=self.device)
         with autocast_context(self.device, self.precision):
             image_embeds = self.model.vision_model(pixel_values=pixel_values).last_hidden_state[rows]
             logits = itm_logits(self.model, image_embeds, text["input_ids"], text["attention_mask"])

@@ -155,7 +155,20 @@ def parse_config(raw: Any, overrides: list[str], source: str = "config") -> Cura
     config = CurationConfig(name=str(raw.get("name", Path(source).stem)),
                             description=str(raw.get("description", "")), stages=specs, read=read_params)
     _check_step_order(config, source)
+    _check_embeddings_saved(config, source)
     return config
+
+
+def _check_embeddings_saved(config: CurationConfig, source: str) -> None:
+    """semantic_dedup reads the image embeddings that a clip_score stage before it saves."""
+    enabled = config.enabled_stages
+    for index, spec in enumerate(enabled):
+        if spec.stage_class.name != "semantic_dedup":
+            continue
+        savers = [s for s in enabled[:index] if getattr(s.params, "save_embeddings", False)]
+        if not savers:
+            raise ConfigError(f"{source}: stage {spec.name} needs the CLIP image embeddings: enable a clip_score "
+                              "stage before it with save_embeddings: true")
 
 
 def _check_step_order(config: CurationConfig, source: str) -> None:

@@ -4,6 +4,8 @@ Layout of ``OUT``::
 
     shards/{stem}.tar            kept samples: original image bytes, cleaned .txt, input .json + results
     manifests/{stem}.parquet     every sample of the input shard: captions, every score, kept, drop_reason
+    embeddings/{stem}.npy        CLIP image embeddings (float16, a row per sample, NaN where not scored), when
+                                 clip_score saves them (``save_embeddings``) for semantic deduplication
     _state/{stem}.done.json      written last: the shard is complete iff this exists (counts, fingerprint, timing)
     _state/{stem}.failed.json    the shard could not be processed, with the reason
     _state/parts/{stem}/         work in progress: one part per run of consecutive samples (a tar fragment and
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import os
 import tarfile
@@ -37,9 +40,10 @@ import pyarrow.parquet as pq
 
 from pipeline.shards import byte_sum
 from pipeline.storage import TMP_MARK, LocalStorage, open_storage
+from stages.semantic_dedup import EMBEDDING_COLUMN  # saved beside the manifest (float16 .npy), never in it
 
 MANIFEST_EXCLUDED = ("image", "metadata_json")
-SHARDS, MANIFESTS, STATE = "shards", "manifests", "_state"
+SHARDS, MANIFESTS, STATE, EMBEDDINGS = "shards", "manifests", "_state", "embeddings"
 PARTS = f"{STATE}/parts"
 
 __all__ = ["TMP_MARK"]
@@ -160,6 +164,27 @@ def is_safe_stem(stem: str) -> bool:
     return bool(stem) and not stem.startswith(".") and "/" not in stem and "\\" not in stem and stem.isprintable()
 
 
+def embeddings_name(stem: str) -> str:
+    return f"{EMBEDDINGS}/{stem}.npy"
+
+
+def embeddings_bytes(column: pa.ChunkedArray | pa.Array) -> bytes | None:
+    """One float16 row per sample (NaN rows where there is no embedding) as .npy bytes; None without any."""
+    import numpy as np
+
+    values = column.to_pylist()
+    width = next((len(v) for v in values if v is not None), None)
+    if width is None:
+        return None
+    rows = np.full((len(values), width), np.nan, np.float16)
+    for index, value in enumerate(values):
+        if value is not None and len(value) == width:
+            rows[index] = value
+    buffer = io.BytesIO()
+    np.save(buffer, rows, allow_pickle=False)
+    return buffer.getvalue()
+
+
 def json_bytes(payload: Any) -> bytes:
     return (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
 
@@ -175,7 +200,7 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 def annotation_columns(table: pa.Table) -> list[str]:
     fixed = {"key", "position", "image", "image_ext", "metadata_json", "caption_original", "caption", "read_error",
-             "error_stage", "error_message", "drop_reason", "kept", "shard", "output_captions"}
+             "error_stage", "error_message", "drop_reason", "kept", "shard", "output_captions", EMBEDDING_COLUMN}
     return [name for name in table.column_names if name not in fixed]
 
 
@@ -371,6 +396,14 @@ class ShardWriter:
             self.finish_tar()
             manifest = (pa.concat_tables(self.manifests, promote_options="permissive") if self.manifests
                         else empty_manifest())
+            embeddings = None
+            if EMBEDDING_COLUMN in manifest.column_names:
+                embeddings = embeddings_bytes(manifest.column(EMBEDDING_COLUMN))
+                manifest = manifest.drop_columns([EMBEDDING_COLUMN])
+            if embeddings is not None:
+                self.out.write_bytes(embeddings_name(self.stem), embeddings)
+            elif self.out.is_file(embeddings_name(self.stem)):
+                self.out.delete(embeddings_name(self.stem))  # an earlier computation's, with other settings
             self.out.write_bytes(self.out.manifest_name(self.stem), manifest_bytes(manifest))
             record = {
                 "stem": self.stem,

@@ -362,8 +362,10 @@ def reselect(out: OutputDir, config: CurationConfig) -> int:
     """Recompute verdicts of every completed shard with ``config``'s thresholds; rewrite the shards that change.
     Returns how many shards changed. The saved config is updated last."""
     from pipeline.dedup import resolve_duplicates
+    from pipeline.semantic_dedup import resolve_semantic_duplicates
 
-    stages = resolve_duplicates(out, resolve_top_fractions(out, [s.build() for s in config.enabled_stages]))
+    stages = resolve_top_fractions(out, [s.build() for s in config.enabled_stages])
+    stages = resolve_semantic_duplicates(out, resolve_duplicates(out, stages))
     names = stage_names(config)
     changed_shards = 0
     for stem, record in out.done_records().items():

@@ -7,6 +7,7 @@ from stages.dedup import DedupStage
 from stages.image_decode import DecodeStage
 from stages.image_header import AspectRatioStage, ImageSizeStage
 from stages.model_scores import CapFiltStage, ClipScoreStage
+from stages.semantic_dedup import SemanticDedupStage
 
 STAGES: dict[str, type[Stage]] = {
     cls.name: cls
@@ -23,6 +24,7 @@ STAGES: dict[str, type[Stage]] = {
         ClipScoreStage,
         CapFiltStage,
         DedupStage,
+        SemanticDedupStage,
     )
 }
 

@@ -1,6 +1,12 @@
 """Model stages: CLIP image-text score and BLIP CapFilt. They run as Ray actor pools (one model per actor),
 on a GPU where the cluster has one and on the CPU otherwise, with the same code; they only see samples that
-passed every earlier stage."""
+passed every earlier stage.
+
+On CPU a stage reads PIL images (the decode stage's pixels, or decoded here) and the models preprocess them as
+their libraries do. On CUDA the images travel to the device as uint8 (the decode stage's pixels, or JPEGs decoded
+there by nvJPEG when no decode stage ran, with PIL as the fallback) and are resized and normalised there, in
+channels-last layout, under the stage's autocast precision; forward passes can be sized from the free GPU memory
+(``resources.forward_batch: auto``)."""
 
 from __future__ import annotations
 
@@ -11,9 +17,11 @@ import zlib
 import polars as pl
 import pyarrow as pa
 
-from models.devices import resolve_device
+from models.devices import ForwardBatchSizer, is_cuda, resolve_device
+from pipeline.settings import ConfigError
 from stages.base import SampleBatch, Stage, StageParams, StageResources, first_reason
-from stages.image_decode import batch_images
+from stages.image_decode import PIXELS, batch_images, decode_square
+from stages.semantic_dedup import EMBEDDING_COLUMN
 
 
 @dataclasses.dataclass
@@ -27,7 +35,17 @@ class ModelResources(StageResources):
     device: str = "auto"  # "auto": CUDA when the actor has a GPU, else CPU
     num_gpus: float = 1.0  # per actor, fractional allowed; 0 on clusters without GPUs (checked before asking)
     pool_size: int | list[int] = 1  # actors in the pool; [min, max]: Ray Data grows and shrinks it with the load
-    batch_size: int = 32  # images per forward pass
+    batch_size: int = 32  # rows Ray hands an actor at a time; images per forward pass unless forward_batch is set
+    forward_batch: int | str = 0  # images per forward pass: 0 = batch_size; "auto": on CUDA as many as fit
+    #                               memory_fraction of the GPU memory left to the actor (at most batch_size)
+    memory_fraction: float = 0.8  # share of the free GPU memory (of this actor's num_gpus share) "auto" may use
+
+    def __post_init__(self):
+        if self.forward_batch != "auto" and (isinstance(self.forward_batch, str) or self.forward_batch < 0):
+            raise ConfigError(f"forward_batch must be a number of images (0: batch_size) or 'auto', "
+                              f"got {self.forward_batch!r}")
+        if not 0.0 < self.memory_fraction <= 1.0:
+            raise ConfigError(f"memory_fraction must be in (0, 1], got {self.memory_fraction}")
 
     @property
     def pool_bounds(self) -> tuple[int, int]:
@@ -50,19 +68,90 @@ class ModelStage(Stage):
         if params.precision not in ("bf16", "fp16", "fp32"):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {params.precision!r}")
         self._model = None
+        self._sizer: ForwardBatchSizer | None = None
 
     @property
     def device(self) -> str:
         return resolve_device(self.resources.device)
 
-    def sub_batches(self, batch: SampleBatch):
-        """(images, captions, keys) in slices of ``batch_size``; images come from the decode stage."""
-        images = batch_images(batch, self.params.image_size)
-        captions, keys = batch.captions, batch.keys
-        step = self.resources.batch_size
-        for start in range(0, len(images), step):
-            yield images[start:start + step], captions[start:start + step], keys[start:start + step]
+    @property
+    def on_cuda(self) -> bool:
+        return is_cuda(self.device)
 
+    def batch_sizer(self) -> ForwardBatchSizer:
+        """One per actor, kept across batches: what it learns of the memory per image holds for the model."""
+        if self._sizer is None:
+            r = self.resources
+            self._sizer = ForwardBatchSizer(r.forward_batch, r.batch_size, self.device, share=r.num_gpus,
+                                            fraction=r.memory_fraction)
+        return self._sizer
+
+    def stage_images(self, batch: SampleBatch) -> list:
+        """The batch's images: PIL images on CPU; uint8 (3, S, S) tensors on the device on CUDA, from the decode
+        stage's pixels or, when it did not run, decoded on the device (``models.imaging.decode_on_device``)."""
+        if not self.on_cuda:
+            return batch_images(batch, self.params.image_size)
+        return device_images(batch, self.params.image_size, self.device)
+
+    def sub_batches(self, batch: SampleBatch):
+        """(images, captions, keys) in forward passes of the size ``batch_sizer`` picks; the caller's work on each
+        slice happens between two steps of this generator, which is where the sizer measures it."""
+        images = self.stage_images(batch)
+        captions, keys = batch.captions, batch.keys
+        sizer = self.batch_sizer()
+        start = 0
+        while start < len(images):
+            step = sizer.next_size(len(images) - start)
+            with sizer.measure(step):
+                yield images[start:start + step], captions[start:start + step], keys[start:start + step]
+            start += step
+
+
+def device_images(batch: SampleBatch, size: int, device: str) -> list:
+    """uint8 (3, S, S) tensors on ``device``: the decode stage's pixels copied over (pinned, asynchronous), or,
+    for samples it did not decode, the image bytes decoded on the device (CPU PIL draft decode as the fallback
+    per image)."""
+    import torch
+
+    from models.imaging import decode_on_device
+
+    pixels = batch.annotation(PIXELS)
+    sizes = batch.annotation("decode_size")
+    images: list = [None] * len(batch.index)
+    by_size: dict[int, list[int]] = {}
+    missing = []
+    for i in range(len(images)):
+        if pixels is not None and pixels[i] is not None:
+            by_size.setdefault(sizes[i], []).append(i)
+        else:
+            missing.append(i)
+    for side, rows in by_size.items():  # one host buffer and one copy per size (one size in practice)
+        host = torch.frombuffer(bytearray(b"".join(pixels[i] for i in rows)), dtype=torch.uint8)
+        host = host.view(len(rows), side, side, 3).permute(0, 3, 1, 2)  # NCHW view of HWC rows: channels-last
+        if is_cuda(device):
+            host = host.pin_memory()
+        for i, image in zip(rows, host.to(device, non_blocking=True).unbind(0)):
+            images[i] = image
+    if missing:
+        datas = batch.images
+        for i, tensor in zip(missing, decode_on_device([datas[i] for i in missing], size, device, decode_square)):
+            images[i] = tensor
+    return images
+
+
+def model_input(images: list, settings: tuple[int, list[float], list[float]], device: str):
+    """A forward pass's pixel values from device images (uint8 tensors): stacked (resized to the model's size
+    when the images are another size), normalised, channels-last on CUDA."""
+    import torch
+
+    from models.imaging import normalized_pixels
+
+    side, mean, std = settings
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) == 1:
+        return normalized_pixels(torch.stack(images), side, mean, std, channels_last=is_cuda(device))
+    return torch.cat([normalized_pixels(image.unsqueeze(0), side, mean, std, channels_last=is_cuda(device))
+                      for image in images])
 
 
 @dataclasses.dataclass
@@ -72,6 +161,7 @@ class ClipScoreParams(ModelStageParams):
     model_config: str = ""  # JSON file or folder registering a custom open_clip architecture
     threshold: float = -1.0  # absolute minimum score; -1 keeps all (LAION used 0.28 with ViT-B/32)
     top_fraction: float = 0.0  # keep this fraction of the best-scored samples over the whole run (DataComp: 0.3)
+    save_embeddings: bool = False  # save the image embeddings beside the manifest (float16), for semantic_dedup
 
 
 class ClipScoreStage(ModelStage):
@@ -79,7 +169,8 @@ class ClipScoreStage(ModelStage):
 
     name = "clip_score"
     Params = ClipScoreParams
-    columns = {"clip_score": pa.float32()}
+    # The embeddings column goes to embeddings/{stem}.npy, never into the manifest; null unless save_embeddings.
+    columns = {"clip_score": pa.float32(), EMBEDDING_COLUMN: pa.list_(pa.float16())}
     thresholds = frozenset({"threshold", "top_fraction"})
 
     def __init__(self, params: ClipScoreParams):
@@ -103,9 +194,15 @@ class ClipScoreStage(ModelStage):
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         scorer = self.load()
         scores: list[float] = []
+        embeddings: list = []
         for images, captions, _ in self.sub_batches(batch):
-            scores += scorer.score(images, captions)
-        return {"clip_score": scores}
+            if self.on_cuda:
+                pair = scorer.score_and_embed_pixels(model_input(images, scorer.image_settings, self.device), captions)
+            else:
+                pair = scorer.score_and_embed(images, captions)
+            scores += pair[0]
+            embeddings += list(pair[1]) if self.params.save_embeddings else [None] * len(pair[0])
+        return {"clip_score": scores, EMBEDDING_COLUMN: embeddings}
 
     def reject_reason(self) -> pl.Expr:
         return first_reason((pl.col("clip_score") < self.params.threshold, "low_score"))
@@ -162,10 +259,21 @@ class CapFiltStage(ModelStage):
         web_scores, synthetic, synthetic_scores = [], [], []
         for images, captions, keys in self.sub_batches(batch):
             seeds = [zlib.crc32(key.encode("utf-8", "surrogatepass")) ^ self.params.seed for key in keys]
-            generated = captioner.caption(images, n, seeds) if n else [[] for _ in images]
-            pair_images = [image for image, texts in zip(images, generated) for image in [image] * (1 + len(texts))]
-            pair_texts = [text for caption, texts in zip(captions, generated) for text in [caption, *texts]]
-            probabilities = itm.match_probability(pair_images, pair_texts)
+            pair_texts: list[str] = []
+            if self.on_cuda:
+                pixel_values = model_input(images, captioner.image_settings, self.device)
+                generated = captioner.caption_pixels(pixel_values, n, seeds)
+                pair_texts = [text for caption, texts in zip(captions, generated) for text in [caption, *texts]]
+                if itm.image_settings != captioner.image_settings:
+                    pixel_values = model_input(images, itm.image_settings, self.device)
+                rows = [row for row, texts in enumerate(generated) for _ in range(1 + len(texts))]
+                probabilities = itm.match_probability_pixels(pixel_values, rows, pair_texts)
+            else:
+                generated = captioner.caption(images, n, seeds) if n else [[] for _ in images]
+                pair_images = [image for image, texts in zip(images, generated)
+                               for image in [image] * (1 + len(texts))]
+                pair_texts = [text for caption, texts in zip(captions, generated) for text in [caption, *texts]]
+                probabilities = itm.match_probability(pair_images, pair_texts)
             offset = 0
             for texts in generated:
                 web_scores.append(probabilities[offset])

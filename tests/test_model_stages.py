@@ -162,3 +162,234 @@ def test_top_fraction_keeps_exactly_that_share_over_the_run(ray_cluster, tiny, t
     manifests = pl.read_parquet(tmp_path / "out" / "manifests" / "*.parquet")
     scored = manifests["clip_score"].drop_nulls()
     assert result.stats["kept"] == manifests["kept"].sum() == int(np.ceil(0.3 * scored.len()))
+
+
+# --- encoding once, loading once, and the GPU path's choices (exercised on CPU) ---------------------------------
+
+
+def test_captioner_encodes_each_image_once_and_writes_what_generate_writes(tiny):
+    """The vision tower sees each image once, however many captions it gets; the captions are those of BLIP's own
+    ``generate`` fed one repeated pixel row per caption (the same per-row seeds)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    from models.blip import BlipCaptioner, PerRowNucleusSampler
+
+    photos, _ = real_photos(require(FLICKR / "flickr8k-00002.tar"), 5)
+    images = [decode_square(data, 32) for data in photos]
+    captioner = BlipCaptioner(tiny["blip"]["captioner"], max_length=12)
+    encoded = []
+    hook = captioner.model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: encoded.append(kwargs["pixel_values"].shape[0]), with_kwargs=True)
+    seeds = [101, 202, 303, 404, 505]
+    captions = captioner.caption(images, 3, seeds)
+    hook.remove()
+    assert encoded == [5]  # one pass over the five images, not fifteen rows
+
+    inputs = captioner.processor(images=images, text=[captioner.prompt] * 5, return_tensors="pt")
+    sampler = PerRowNucleusSampler([seed * 1_000 + copy for seed in seeds for copy in range(3)], top_p=0.9)
+    with torch.inference_mode():
+        output = captioner.model.generate(
+            pixel_values=inputs["pixel_values"].repeat_interleave(3, dim=0),
+            input_ids=inputs["input_ids"].repeat_interleave(3, dim=0), do_sample=False,
+            logits_processor=LogitsProcessorList([sampler]), repetition_penalty=1.1, min_length=5, max_length=12)
+    texts = [captioner.strip_prompt(t) for t in captioner.processor.batch_decode(output, skip_special_tokens=True)]
+    assert captions == [texts[i * 3:(i + 1) * 3] for i in range(5)]
+    assert len({text for group in captions for text in group}) > 5  # real, varied samples were compared
+    # An image's captions do not depend on its batch.
+    assert captioner.caption(images[2:4], 3, seeds[2:4]) == captions[2:4]
+
+
+def test_clip_checkpoint_becomes_the_parameters_without_a_random_copy(tiny, monkeypatch):
+    import open_clip
+    import torch
+
+    from models.clip import load_open_clip
+
+    initialised = []
+    for name in ("normal_", "kaiming_uniform_", "uniform_", "zeros_", "ones_", "trunc_normal_"):
+        original = getattr(torch.nn.init, name)
+
+        def spy(tensor, *args, _original=original, **kwargs):
+            initialised.append(tensor.is_meta)
+            return _original(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.init, name, spy)
+    model, preprocess, _ = load_open_clip(TINY_CLIP, tiny["clip"]["checkpoint"], tiny["clip"]["model_config"])
+    assert initialised and all(initialised)  # every initialiser ran on meta tensors: no memory, no work
+    monkeypatch.undo()
+    checkpoint = torch.load(tiny["clip"]["checkpoint"], weights_only=True)["state_dict"]
+    state = model.state_dict()
+    assert set(state) == set(checkpoint) and all(torch.equal(state[k], checkpoint[k]) for k in checkpoint)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    reference, _, reference_preprocess = open_clip.create_model_and_transforms(
+        TINY_CLIP, pretrained=tiny["clip"]["checkpoint"])
+    assert torch.equal(model.attn_mask, reference.attn_mask)  # buffers outside the checkpoint are built as usual
+    assert repr(preprocess) == repr(reference_preprocess)
+
+
+def test_clip_checkpoint_missing_weights_is_a_load_error(tiny, tmp_path):
+    import torch
+
+    from models.clip import ClipLoadError, load_open_clip
+
+    state = torch.load(tiny["clip"]["checkpoint"], weights_only=True)["state_dict"]
+    state.pop("text_projection")
+    torch.save(state, tmp_path / "partial.pt")
+    with pytest.raises(ClipLoadError, match="text_projection"):
+        load_open_clip(TINY_CLIP, str(tmp_path / "partial.pt"), tiny["clip"]["model_config"])
+
+
+class FakeCudaMemory:
+    """CUDA memory figures for ForwardBatchSizer: a model of ``weights`` bytes, ``per_image`` bytes per image in
+    a forward pass, on a device with ``total`` bytes of which others use ``others``."""
+
+    def __init__(self, total, weights, per_image, others=0):
+        self.total, self.weights, self.per_image, self.others = total, weights, per_image, others
+        self.running = 0
+
+    def free_and_total(self):
+        return self.total - self.others - self.weights, self.total
+
+    def allocated(self):
+        return self.weights
+
+    def reserved(self):
+        return self.weights
+
+    def reset_peak(self):
+        self.running = 0
+
+    def peak(self):
+        return self.weights + self.running * self.per_image
+
+
+def run_sizer(sizer, memory, images):
+    sizes = []
+    while images:
+        size = sizer.next_size(images)
+        with sizer.measure(size):
+            if memory is not None:
+                memory.running = size
+        sizes.append(size)
+        images -= size
+    return sizes
+
+
+def test_forward_batch_sizes_fill_the_free_gpu_memory_and_nothing_else_changes_on_cpu():
+    from models.devices import ForwardBatchSizer, activation_budget, batch_size_for_memory, is_cuda
+
+    gib = 2**30
+    assert is_cuda("cuda") and is_cuda("cuda:1") and not is_cuda("cpu") and not is_cuda("mps")
+    assert run_sizer(ForwardBatchSizer(0, 32, "cpu"), None, 70) == [32, 32, 6]  # batch_size, as before
+    assert run_sizer(ForwardBatchSizer(10, 32, "cuda"), None, 25) == [10, 10, 5]
+    assert run_sizer(ForwardBatchSizer("auto", 32, "cpu"), None, 40) == [32, 8]  # no GPU: no probing
+    # 80 GiB device, 2 GiB of weights, 0.25 GiB per image: 0.8 x 78 GiB / 0.25 GiB = 249 images per pass.
+    memory = FakeCudaMemory(80 * gib, 2 * gib, gib // 4)
+    sizer = ForwardBatchSizer("auto", 4096, "cuda", memory=memory)
+    assert run_sizer(sizer, memory, 1000) == [8, 249, 249, 249, 245]  # a probe of 8, then as many as fit
+    assert sizer.bytes_per_image == gib // 4
+    capped = ForwardBatchSizer("auto", 64, "cuda", memory=memory)
+    assert run_sizer(capped, memory, 200) == [8, 64, 64, 64]  # never more than Ray's batch_size
+    # Half a GPU: half the device less the weights; memory others hold is not ours either.
+    assert activation_budget(free=78 * gib, total=80 * gib, reserved_unused=0, allocated=2 * gib, share=0.5,
+                             fraction=1.0) == 38 * gib
+    assert activation_budget(free=10 * gib, total=80 * gib, reserved_unused=gib, allocated=2 * gib, share=1.0,
+                             fraction=0.5) == 5.5 * gib
+    assert batch_size_for_memory(gib, 3 * gib, 64) == 1  # one image always goes through
+    crowded = FakeCudaMemory(80 * gib, 2 * gib, gib // 4, others=70 * gib)
+    assert run_sizer(ForwardBatchSizer("auto", 4096, "cuda", memory=crowded), crowded, 100) == [8, 25, 25, 25, 17]
+
+
+def test_forward_batch_settings_are_checked_in_the_recipe(tiny):
+    entry = clip_entry(tiny, resources={"num_gpus": 0, "forward_batch": "auto", "batch_size": 512})
+    stage = parse_config({"stages": [entry]}, []).stages[0].build()
+    assert stage.resources.forward_batch == "auto" and stage.batch_sizer().next_size(600) == 512  # CPU: batch_size
+    for wrong in ({"forward_batch": "max"}, {"forward_batch": -1}, {"memory_fraction": 1.5}):
+        with pytest.raises(ConfigError, match="forward_batch|memory_fraction"):
+            parse_config({"stages": [clip_entry(tiny, resources={"num_gpus": 0, **wrong})]}, [])
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_device_decode_falls_back_to_the_cpu_per_image():
+    import torch
+
+    from models.imaging import ImageTooLarge, decode_on_device
+
+    photos, _ = real_photos(require(FLICKR / "flickr8k-00002.tar"), 4)
+    png = io.BytesIO()
+    Image.open(io.BytesIO(photos[3])).save(png, format="PNG")
+    bomb = io.BytesIO()
+    Image.new("RGB", (400, 300)).save(bomb, format="JPEG")
+    datas = [photos[0], photos[1], png.getvalue(), photos[2], bomb.getvalue()]
+    calls, fallbacks = [], []
+
+    def device_decoder(batch, device):  # refuses any batch holding photos[1], as nvJPEG refuses a CMYK stream
+        calls.append(len(batch))
+        if any(bytes(t.numpy()) == photos[1] for t in batch):
+            raise RuntimeError("nvjpeg: unsupported stream")
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+
+    def fallback(data, size):
+        fallbacks.append(datas.index(data))
+        return decode_square(data, size, max_pixels=100_000)
+
+    with pytest.raises(ImageTooLarge):  # the bomb reaches the CPU decoder, which refuses it: the sample's error
+        decode_on_device(datas, 48, "cpu", fallback, max_pixels=100_000, decoder=device_decoder)
+    assert calls == [3, 1, 1, 1]  # JPEGs within max_pixels, batched; then one by one after the failure
+    assert fallbacks == [1, 2, 4]  # the refused JPEG, the PNG, the bomb
+    calls.clear(), fallbacks.clear()
+    decoded = decode_on_device(datas[:4], 48, "cpu", fallback, decoder=device_decoder)
+    assert fallbacks == [1, 2] and [tuple(t.shape) for t in decoded] == [(3, 48, 48)] * 4
+    for data, tensor in zip(datas, decoded):  # the device decode is the same picture as PIL's
+        expected = torch.from_numpy(np.array(decode_square(data, 48))).permute(2, 0, 1)
+        assert tensor.dtype == torch.uint8 and (tensor.float() - expected.float()).abs().mean() < 3.0
+
+
+@pytest.mark.parametrize("with_decode_stage", [True, False])
+def test_cuda_branch_computes_what_the_cpu_branch_computes(tiny, monkeypatch, with_decode_stage):
+    photos, captions = real_photos(require(FLICKR / "flickr8k-00002.tar"), 5)
+    entries = ([{"stage": "decode", "size": 32}] if with_decode_stage else []) + [
+        clip_entry(tiny, image_size=32), capfilt_entry(tiny, itm_threshold=0.0)]
+    on_cpu = curate(entries, captions, photos)
+    from stages.model_scores import ModelStage
+
+    monkeypatch.setattr(ModelStage, "on_cuda", property(lambda self: True))
+    on_device = curate(entries, captions, photos)
+    assert all(row.get("error_stage") is None for row in on_device), [r.get("error_message") for r in on_device]
+    # From the decode stage's pixels the inputs are the same numbers; decoded on the device, the same pictures.
+    tolerance = 1e-4 if with_decode_stage else 0.05
+    for cpu, device in zip(on_cpu, on_device):
+        assert device["clip_score"] == pytest.approx(cpu["clip_score"], abs=tolerance)
+        assert device["capfilt_web_itm"] == pytest.approx(cpu["capfilt_web_itm"], abs=tolerance)
+        assert len(device["capfilt_synthetic"]) == 2
+    if with_decode_stage:
+        assert [r["capfilt_synthetic"] for r in on_device] == [r["capfilt_synthetic"] for r in on_cpu]
+
+
+def test_channels_last_only_on_cuda(tiny):
+    import torch
+
+    from models.blip import on_device
+    from models.imaging import normalized_pixels
+    from stages.model_scores import model_input
+
+    def channels_last(tensor):
+        return tensor.is_contiguous(memory_format=torch.channels_last) and not tensor.is_contiguous()
+
+    from transformers import BlipForConditionalGeneration
+
+    model = BlipForConditionalGeneration.from_pretrained(tiny["blip"]["captioner"])
+    patch = model.vision_model.embeddings.patch_embedding
+    assert not channels_last(on_device(model, "cpu").vision_model.embeddings.patch_embedding.weight)
+    assert channels_last(on_device(model, "cuda:0").vision_model.embeddings.patch_embedding.weight)  # layout only
+    assert patch.weight.device.type == "cpu"
+    images = [torch.randint(0, 256, (3, 48, 48), dtype=torch.uint8) for _ in range(2)]
+    settings = (32, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+    on_cpu, on_cuda = model_input(images, settings, "cpu"), model_input(images, settings, "cuda")
+    assert on_cpu.shape == on_cuda.shape == (2, 3, 32, 32) and torch.equal(on_cpu, on_cuda)  # same numbers
+    assert channels_last(on_cuda) and not channels_last(on_cpu)
+    expected = (images[0].float() / 255 - 0.5) / 0.25
+    assert torch.allclose(normalized_pixels(images[0][None], 48, *settings[1:])[0], expected, atol=1e-6)

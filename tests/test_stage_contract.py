@@ -27,6 +27,13 @@ def recipe_entry(kind: str, tiny_models) -> dict:
     return entry
 
 
+def recipe_entries(kind: str, tiny_models) -> list[dict]:
+    """The stage's entry after the stages it reads from (semantic_dedup reads clip_score's saved embeddings)."""
+    if kind == "semantic_dedup":
+        return [{**recipe_entry("clip_score", tiny_models), "save_embeddings": True}, recipe_entry(kind, tiny_models)]
+    return [recipe_entry(kind, tiny_models)]
+
+
 @pytest.mark.parametrize("kind", sorted(STAGES))
 def test_stage_declares_its_settings_and_fills_every_column_on_real_samples(kind, tiny_models):
     cls = STAGES[kind]
@@ -35,7 +42,7 @@ def test_stage_declares_its_settings_and_fills_every_column_on_real_samples(kind
     assert not params & {f.name for f in dataclasses.fields(cls.Resources)}, f"{kind}: a setting is also a resource"
     assert cls.columns, f"{kind} declares no manifest column"
     photos, captions = photos_and_captions(require(FLICKR / "flickr8k-00002.tar"), 6)
-    rows = curate([recipe_entry(kind, tiny_models)], captions, photos)
+    rows = curate(recipe_entries(kind, tiny_models), captions, photos)
     assert len(rows) == 6
     assert all(set(cls.columns) <= set(row) for row in rows)
     filled = [column for column in cls.columns if any(row[column] is not None for row in rows)]
