@@ -1,36 +1,41 @@
 """Deduplication: recall and precision against ground truth, hashing speed, and the global search at scale.
 
-    .venv/bin/python bench/dedup.py [--samples 6000] [--rules 3:-1 2:6 3:6 ...] [--hashes 1000000]
-                                    [--scale-hamming 3 4] [--skip quality speed scale]
+    .venv/bin/python bench/dedup.py [--samples 6000] [--rules 3:6:7:10 3:6:-1:-1 ...] [--hashes 1000000]
+                                    [--scale-rules 3:-1 3:7 ...] [--skip quality speed scale]
 
 Prints three tables:
 
-1. Quality per ``max_hamming`` and ``max_chroma_hamming`` (-1: no colour check), with the dedup stage's own
-   hashing and the global search (``pipeline.dedup``):
+1. Quality per rule ``MAX_HAMMING:MAX_CHROMA_HAMMING:CROP_HAMMING:CROP_CHROMA_HAMMING`` (-1: no colour check,
+   no crop matching), with the dedup stage's own hashing and the global search (``pipeline.dedup``):
    * on `vlcurate synth` data with duplicate noise (copies of earlier samples: byte-identical, re-encoded at JPEG
      quality 60-90, resized to 50-90%, cropped by up to 10% per side; look-alikes: the same scene with the shape
-     moved): a copy is *found* when it matches its original (same bytes, or hashes within the distances: the
-     search finds every matching pair); *look-alikes apart*: the share of
-     look-alikes not grouped with their original; *distinct never merged*: the share of non-copy images whose
-     group holds no other non-copy image; *across layouts*: the same, counting only merges with a scene of
-     another layout (shape position or size): synthetic scenes of one layout that differ only in colour, shape
-     outline or jitter are nearly the same picture at the scale of a 64-bit hash;
+     moved): a copy is *found* when it matches its original (same bytes, whole-image hashes within the
+     distances, or one's pHash within the crop distances of one of the other's windows with its differing key
+     bits among the probed ones: what the search finds); *look-alikes apart*: the share of look-alikes not
+     grouped with their original; *distinct never merged*: the share of non-copy images whose group holds no
+     other non-copy image; *across layouts*: the same, counting only merges with a scene of another layout
+     (shape position or size): synthetic scenes of one layout that differ only in colour, shape outline or
+     jitter are nearly the same picture at the scale of a 64-bit hash;
    * on real photos (Flickr8k and the product photos of ../shared/data), the same copies made with the same
      transforms, and the real photos themselves as the distinct images.
-2. Perceptual hashing speed on the product photos (about 1800x2400 JPEGs) and on Flickr8k's web-size photos,
-   one process (CPU seconds, so the figure is per core): draft decode (what the stage does), the draft decode
-   alone, and a full decode.
-3. The global search over synthetic 63-bit hashes (the pHash leaves bit 63 at 0) and 64-bit chroma hashes
-   (default ``max_chroma_hamming``) in Parquet manifests of a
-   throw-away output directory, with planted near-duplicates (1 to ``max_hamming`` bits flipped: all must be
-   found) and planted far copies (``max_hamming + 1`` to ``+ 3`` bits: none may be): seconds to read the
-   manifests lazily and to search (wall clock, and CPU seconds of all the process's threads: on a shared
-   machine the wall clock also counts other people's work), and the peak resident memory of the process.
+2. Hashing speed on the product photos (about 1800x2400 JPEGs) and on Flickr8k's web-size photos, one process
+   (CPU seconds, so the figure is per core): the stage's fingerprint (whole-image and window hashes), the
+   whole-image hashes alone, the draft decode alone (colour and luma only), and a full decode; then why a large
+   photo cannot be hashed in 1 ms: the draft decode's cost fitted over compressed bytes and pixels (the entropy
+   decoder's throughput), and the embedded EXIF thumbnails (how many, how close their hashes, their cost).
+3. The global search over random fingerprints (63-bit pHashes, 64-bit chroma hashes, 16 window hashes of each,
+   7 probe bits) in Parquet manifests of a throw-away output directory, with planted near-duplicates (1 to
+   ``max_hamming`` bits flipped: all must be found), planted far copies (``max_hamming + 1`` to ``+ 3`` bits:
+   none may be) and planted crops (a pHash within the crop distance of another sample's window, differing in key
+   bits only where probed: all must be found): seconds to read the manifests lazily and to search (wall clock,
+   and CPU seconds of all the process's threads: on a shared machine the wall clock also counts other people's
+   work), and the peak resident memory of the process.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import multiprocessing
 import random
@@ -50,11 +55,12 @@ sys.path.insert(0, str(ROOT))
 
 from models.imaging import open_bounded  # noqa: E402
 from pipeline.dedup import SAMPLE_SCHEMA, candidate_samples, find_duplicates, preference_order  # noqa: E402
-from pipeline.outputs import OutputDir, atomic_write_json, manifest_bytes  # noqa: E402
+from pipeline.outputs import OutputDir, manifest_bytes  # noqa: E402
 from pipeline.shards import iter_sample_batches  # noqa: E402
 from pipeline.synth import COPY_TYPES, SynthOptions, copy_image, write_synth  # noqa: E402
 from stages.base import SampleBatch  # noqa: E402
-from stages.dedup import DedupParams, DedupStage, hamming, hash_planes, perceptual_hashes  # noqa: E402
+from stages.dedup import (KEY_BITS, WINDOWS, DedupParams, DedupStage, fingerprint as image_fingerprint,  # noqa: E402
+                          hamming, hash_planes, perceptual_hashes)
 
 SHARED = ROOT.parent / "shared" / "data"
 KINDS = [name.removeprefix("duplicate_") for name in COPY_TYPES]
@@ -74,22 +80,41 @@ def fingerprint(samples: list[dict]) -> pl.DataFrame:
         "position": [s["position"] for s in samples], "key": [s["key"] for s in samples], "sha": sha,
         "phash": values["dedup_phash"], "chroma": values["dedup_chroma_hash"],
         "caption_hash": values["dedup_caption_hash"],
-        "score": [None] * len(samples)}, schema=SAMPLE_SCHEMA))
+        "score": [None] * len(samples), "probe": values["dedup_probe_bits"],
+        "windows": values["dedup_window_phash"], "window_chroma": values["dedup_window_chroma"]},
+        schema=SAMPLE_SCHEMA))
 
 
-def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int) -> bool:
-    """Whether two (sha, pHash, chroma hash) fingerprints match: the search finds every such pair
-    (tests/test_dedup.py checks it against all pairs), so this is the recall of the search itself."""
+def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int, crop: int = -1, crop_chroma: int = -1,
+            probed: bool = True) -> bool:
+    """Whether two (sha, pHash, chroma hash, probe bits, window pHashes, window chroma hashes) fingerprints match:
+    the same bytes, whole-image hashes within the distances, or one's pHash within the crop distances of one of
+    the other's windows. The near-duplicate search finds every such pair (tests/test_dedup.py checks it against
+    all pairs); the crop search finds a crop pair when the differing key bits are among the probed ones, which
+    this checks too (``probed``), so this is the recall of the search itself."""
     if a[0] == b[0]:
         return True
-    if max_hamming < 0 or a[1] is None or b[1] is None:
+    if a[1] is None or b[1] is None:
         return False
-    return hamming(a[1], b[1]) <= max_hamming and (max_chroma < 0 or hamming(a[2], b[2]) <= max_chroma)
+    if max_hamming >= 0 and hamming(a[1], b[1]) <= max_hamming and (
+            max_chroma < 0 or hamming(a[2], b[2]) <= max_chroma):
+        return True
+    if crop < 0 or max_hamming < 0:  # max_hamming -1: byte-identical copies only
+        return False
+    for query, original in ((a, b), (b, a)):
+        for window, colour in zip(original[4], original[5]):
+            if hamming(query[1], window) <= crop and (crop_chroma < 0 or hamming(query[2], colour) <= crop_chroma):
+                differing = (query[1] ^ window) & KEY_BITS & ~query[3]
+                if differing == 0 or not probed:
+                    return True
+    return False
 
 
-def groups_of(frame: pl.DataFrame, max_hamming: int, max_chroma: int) -> dict[str, str]:
+def groups_of(frame: pl.DataFrame, rule: tuple) -> dict[str, str]:
     """Each sample's group: the "stem/key" of the sample kept for it (its own when it is kept)."""
-    duplicates = find_duplicates(frame, max_hamming, max_chroma_hamming=max_chroma)
+    max_hamming, max_chroma, crop, crop_chroma = rule
+    duplicates = find_duplicates(frame, max_hamming, max_chroma_hamming=max_chroma, crop_hamming=crop,
+                                 crop_chroma_hamming=crop_chroma)
     named = frame.select((pl.col("stem") + "/" + pl.col("key")).alias("name"), "shard", "position")
     joined = named.join(duplicates, on=["shard", "position"], how="left")
     return dict(zip(joined["name"], joined["dedup_duplicate_of"].fill_null(joined["name"])))
@@ -158,20 +183,21 @@ def share(pair: tuple[int, int]) -> str:
 
 
 def quality_table(sets: dict[str, list[dict]], rules: list[tuple[int, int]]) -> None:
-    header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}" + "".join(f"{k:>11}" for k in KINDS)
+    header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}{'crop':>6}{'c.chr':>6}" + "".join(f"{k:>11}" for k in KINDS)
               + f"{'look-alikes apart':>19}{'distinct never merged':>23}{'(across layouts)':>18}")
     print(header)
     for label, samples in sets.items():
         frame = fingerprint(samples)
-        fingerprints = {f"{stem}/{key}": (sha, phash, chroma) for stem, key, sha, phash, chroma
-                        in frame.select("stem", "key", "sha", "phash", "chroma").iter_rows()}
+        fingerprints = {f"{row[0]}/{row[1]}": row[2:] for row in frame.select(
+            "stem", "key", "sha", "phash", "chroma", "probe", "windows", "window_chroma").iter_rows()}
         with_layout = any(s.get("layout") for s in samples)
         for rule in rules:
-            result = quality(samples, groups_of(frame, *rule), fingerprints, rule)
+            result = quality(samples, groups_of(frame, rule), fingerprints, rule)
             layout = share(result["across_layouts"]) if with_layout else "-"
-            print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}" + "".join(f"{share(result['found'][k]):>11}" for k in KINDS)
+            print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}{rule[2]:>6}{rule[3]:>6}"
+                  + "".join(f"{share(result['found'][k]):>11}" for k in KINDS)
                   + f"{share(result['apart']):>19}{share(result['distinct']):>23}{layout:>18}")
-        print(f"{'':<8}{'(samples)':>19}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
+        print(f"{'':<8}{'(samples)':>31}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
               + f"{result['apart'][1]:>19}{result['distinct'][1]:>23}")
 
 
@@ -191,10 +217,14 @@ def photos_of(pattern: str) -> list[bytes]:
     return photos
 
 
-def draft_decode(data: bytes) -> None:
+def draft_decode(data: bytes, mode: str = "YCbCr") -> None:
     with open_bounded(data) as image:
-        image.draft("YCbCr", (128, 128))
+        image.draft(mode, (128, 128))
         image.load()
+
+
+def luma_draft_decode(data: bytes) -> None:
+    draft_decode(data, "L")
 
 
 def per_core(photos: list[bytes], function, repeat: int) -> float:
@@ -208,79 +238,156 @@ def per_core(photos: list[bytes], function, repeat: int) -> float:
     return best / len(photos)
 
 
+def exif_thumbnail(data: bytes) -> bytes | None:
+    """The JPEG thumbnail embedded in the EXIF block (IFD1), if any."""
+    from PIL import ExifTags, Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        raw = image.info.get("exif")
+        if not raw:
+            return None
+        ifd1 = image.getexif().get_ifd(ExifTags.IFD.IFD1)
+    offset, length = ifd1.get(0x0201), ifd1.get(0x0202)
+    if offset is None or not length:
+        return None
+    return raw[6 + offset: 6 + offset + length]  # offsets count from the TIFF header, after b"Exif\0\0"
+
+
 def hashing_speed(repeat: int = 3) -> None:
     sets = {"product photos (myntra-large)": photos_of("myntra-large/*.tar"),
             "web photos (flickr8k)": photos_of("flickr8k/*.tar")}
     print(f"best of {repeat} passes, CPU time of one process (per core)")
-    print(f"{'photos':<32}{'images':>7}{'KiB/image':>10}  {'path':<34}{'images/s':>9}{'ms/image':>9}")
+    print(f"{'photos':<32}{'images':>7}{'KiB/image':>10}  {'path':<44}{'images/s':>9}{'ms/image':>9}")
     for label, photos in sets.items():
         if not photos:
             continue
         size = sum(map(len, photos)) / len(photos) / 1024
-        paths = (("draft decode + hashes (the stage)", perceptual_hashes),
-                 ("of which the draft decode", draft_decode), ("full decode + hashes", full_decode_hash))
+        paths = (("the stage: hashes and window hashes", image_fingerprint),
+                 ("whole-image hashes only", perceptual_hashes),
+                 ("draft decode (DCT-domain 1/8 at most)", draft_decode),
+                 ("draft decode, luma only", luma_draft_decode),
+                 ("full decode + hashes", full_decode_hash))
         for index, (path, function) in enumerate(paths):
             seconds = per_core(photos, function, repeat)
             lead = f"{label:<32}{len(photos):>7}{size:>10.0f}" if index == 0 else " " * 49
-            print(f"{lead}  {path:<34}{1 / seconds:>9.0f}{1000 * seconds:>9.2f}")
+            print(f"{lead}  {path:<44}{1 / seconds:>9.0f}{1000 * seconds:>9.2f}")
+    decode_floor(sets["product photos (myntra-large)"], repeat)
+
+
+def decode_floor(photos: list[bytes], repeat: int) -> None:
+    """Why large photos cannot be hashed 1,000 times a second per core: at 1/8 scale libjpeg computes only the DC
+    term of each block (no inverse DCT), but it must still Huffman-decode every coefficient of every block (a
+    baseline JPEG's blocks follow one another in one entropy-coded stream); so the draft decode's time grows
+    with the compressed bytes. A least-squares fit of the draft decode's time over bytes and pixels gives the
+    entropy decoder's throughput, and the throughput 1,000 images/s would need. Embedded EXIF thumbnails
+    are measured too: how many photos have one, how far its hashes are from the photo's, and their cost."""
+    if not photos:
+        return
+    seconds, kib, megapixels = [], [], []
+    for data in photos:
+        seconds.append(per_core([data], draft_decode, repeat))
+        kib.append(len(data) / 1024)
+        with open_bounded(data) as image:
+            megapixels.append(image.width * image.height / 1e6)
+    design = np.column_stack([np.ones(len(photos)), kib, megapixels])
+    (fixed, per_kib, per_megapixel), *_ = np.linalg.lstsq(design, np.array(seconds) * 1000, rcond=None)
+    mean_kib = float(np.mean(kib))
+    print(f"\ndraft decode of the product photos: ms = {fixed:.2f} + {per_kib * 100:.2f} per 100 KiB + "
+          f"{per_megapixel:.2f} per megapixel (least squares over {len(photos)} photos); entropy decoding "
+          f"{1 / per_kib / 1024 * 1000:.0f} MB/s of compressed data")
+    print(f"  at {mean_kib:.0f} KiB a photo the compressed bytes alone cost {per_kib * mean_kib:.2f} ms: "
+          f"1,000 photos/s per core needs {mean_kib * 1000 / 1024:.0f} MB/s, "
+          f"{mean_kib * 1000 / 1024 / (1 / per_kib / 1024 * 1000):.1f}x this decoder")
+    thumbnails = [(data, thumb) for data in photos if (thumb := exif_thumbnail(data))]
+    if thumbnails:
+        luma = [hamming(perceptual_hashes(d)[0], perceptual_hashes(t)[0]) for d, t in thumbnails]
+        chroma = [hamming(perceptual_hashes(d)[1], perceptual_hashes(t)[1]) for d, t in thumbnails]
+        cost = per_core([t for _, t in thumbnails], image_fingerprint, repeat)
+        print(f"  EXIF thumbnails: {len(thumbnails)} of {len(photos)} photos; hashes of the thumbnail vs the photo: "
+              f"luma at most {max(luma)} bits, chroma at most {max(chroma)}; fingerprinting the thumbnail "
+              f"{1000 * cost:.2f} ms")
 
 
 # ------------------------------------------------------------------------------------ search at scale
 
-def planted_hashes(count: int, max_hamming: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict]:
-    """``count`` random 63-bit pHashes and 64-bit chroma hashes; 1% are near copies (1..max_hamming pHash bits
-    flipped, the same chroma hash) of others, 0.5% far copies (max_hamming + 1 .. + 3 bits flipped)."""
+def planted_hashes(count: int, max_hamming: int, crop_hamming: int, seed: int = 0) -> dict:
+    """``count`` random fingerprints: 63-bit pHashes, 64-bit chroma hashes, ``WINDOWS`` random window hashes of
+    each kind and 7 random probe bits among the key bits. 1% are near copies (1..max_hamming pHash bits flipped,
+    the same chroma hash) of others, 0.5% far copies (max_hamming + 1 .. + 3 bits flipped) and, when
+    ``crop_hamming`` >= 0, 0.5% crops: a pHash within 1..crop_hamming bits of one of another sample's windows
+    (bits outside the key or among the crop's probe bits: the crops the search finds by design), with that
+    window's chroma hash."""
     rng = np.random.default_rng(seed)
     hashes = rng.integers(0, 2**63, count, dtype=np.int64)
     chroma = rng.integers(-(2**63), 2**63 - 1, count, dtype=np.int64)
-    near, far = count // 100, count // 200
-    chosen = rng.permutation(count)[: 2 * (near + far)]  # sources are never targets: their hashes stay
-    targets, sources = chosen[: near + far], chosen[near + far:]
+    windows = rng.integers(0, 2**63, (count, WINDOWS), dtype=np.int64)
+    window_chroma = rng.integers(-(2**63), 2**63 - 1, (count, WINDOWS), dtype=np.int64)
+    key_positions = np.array([bit for bit in range(63) if KEY_BITS >> bit & 1])
+    probe_positions = np.array([rng.choice(key_positions, 7, replace=False) for _ in range(count // 20)])
+    probes = np.left_shift(np.int64(1), probe_positions).sum(axis=1)[rng.integers(0, count // 20, count)]
+    near, far, crops = count // 100, count // 200, count // 200 if crop_hamming >= 0 else 0
+    chosen = rng.permutation(count)[: 2 * (near + far + crops)]  # sources are never targets: their hashes stay
+    targets, sources = chosen[: near + far + crops], chosen[near + far + crops:]
     for index, (target, source) in enumerate(zip(targets, sources)):
-        flips = rng.integers(1, max_hamming + 1) if index < near else rng.integers(max_hamming + 1, max_hamming + 4)
-        value = int(hashes[source])
-        for bit in rng.choice(63, int(flips), replace=False):
+        if index < near + far:
+            flips = rng.integers(1, max_hamming + 1) if index < near else rng.integers(max_hamming + 1,
+                                                                                          max_hamming + 4)
+            value, allowed = int(hashes[source]), np.arange(63)
+            chroma[target] = chroma[source]
+        else:
+            window = int(rng.integers(0, WINDOWS))
+            flips, value = rng.integers(1, crop_hamming + 1), int(windows[source, window])
+            allowed = np.array([bit for bit in range(63) if not KEY_BITS >> bit & 1 or int(probes[target]) >> bit & 1])
+            chroma[target] = window_chroma[source, window]
+        for bit in rng.choice(allowed, int(flips), replace=False):
             value ^= 1 << int(bit)
         hashes[target] = value
-        chroma[target] = chroma[source]
-    return hashes, chroma, {"near": list(zip(sources[:near].tolist(), targets[:near].tolist())),
-                    "far": list(zip(sources[near:].tolist(), targets[near:].tolist()))}
+    pairs = list(zip(sources.tolist(), targets.tolist()))
+    return {"hashes": hashes, "chroma": chroma, "probes": probes, "windows": windows, "window_chroma": window_chroma,
+            "near": pairs[:near], "far": pairs[near:near + far], "crop": pairs[near + far:]}
 
 
-def write_manifests(out: OutputDir, hashes: np.ndarray, chroma: np.ndarray, shards: int) -> None:
-    """Manifests of a dedup-only output (``shards`` completed shards) holding ``hashes``."""
+def write_manifests(out: OutputDir, planted: dict, shards: int) -> None:
+    """Manifests of a dedup-only output (``shards`` completed shards) holding the planted fingerprints."""
     out.create()
-    per_shard = -(-len(hashes) // shards)
+    count = len(planted["hashes"])
+    per_shard = -(-count // shards)
     for index in range(shards):
         stem = f"part-{index:05d}"
-        part = hashes[index * per_shard:(index + 1) * per_shard]
-        colours = chroma[index * per_shard:(index + 1) * per_shard]
-        rows = len(part)
+        rows = slice(index * per_shard, (index + 1) * per_shard)
+        part = planted["hashes"][rows]
+        size = len(part)
+        lists = {name: pa.FixedSizeListArray.from_arrays(planted[name][rows].ravel(), WINDOWS).cast(
+            pa.list_(pa.int64())) for name in ("windows", "window_chroma")}
         table = pa.table({
-            "key": [f"k{i:07d}" for i in range(rows)], "shard": [f"/in/{stem}.tar"] * rows,
-            "position": pa.array(range(rows), pa.int32()), "read_error": pa.nulls(rows, pa.string()),
+            "key": [f"k{i:07d}" for i in range(size)], "shard": [f"/in/{stem}.tar"] * size,
+            "position": pa.array(range(size), pa.int32()), "read_error": pa.nulls(size, pa.string()),
             "dedup_sha256": [f"{(int(h) * 0x9E3779B97F4A7C15) % 2**64:016x}" + "0" * 48 for h in part],
-            "dedup_phash": pa.array(part, pa.int64()), "dedup_chroma_hash": pa.array(colours, pa.int64()),
-            "dedup_caption_hash": pa.nulls(rows, pa.int64()),
+            "dedup_phash": pa.array(part, pa.int64()), "dedup_chroma_hash": pa.array(planted["chroma"][rows]),
+            "dedup_probe_bits": pa.array(planted["probes"][rows]), "dedup_window_phash": lists["windows"],
+            "dedup_window_chroma": lists["window_chroma"], "dedup_caption_hash": pa.nulls(size, pa.int64()),
         })
-        out.manifest_path(stem).write_bytes(manifest_bytes(table))
-        atomic_write_json(out.done_path(stem), {"source": f"/in/{stem}.tar", "total": rows})
+        out.write_bytes(out.manifest_name(stem), manifest_bytes(table))
+        out.write_json(out.done_name(stem), {"source": f"/in/{stem}.tar", "total": size})
 
 
-def search_at_scale(count: int, max_hamming: int, shards: int, queue) -> None:
+def search_at_scale(count: int, max_hamming: int, crop_hamming: int, shards: int, queue) -> None:
     """Runs in a fresh process, so that its peak memory is the search's own."""
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    hashes, chroma, planted = planted_hashes(count, max_hamming)
+    planted = planted_hashes(count, max_hamming, crop_hamming)
     with tempfile.TemporaryDirectory() as folder:
         out = OutputDir(folder)
-        write_manifests(out, hashes, chroma, shards)
-        del hashes, chroma
+        write_manifests(out, planted, shards)
+        for name in ("hashes", "chroma", "probes", "windows", "window_chroma"):
+            del planted[name]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        stage = DedupStage(DedupParams(max_hamming=max_hamming))
+        params = DedupParams(max_hamming=max_hamming, crop_hamming=crop_hamming)
+        stage = DedupStage(params)
         started, cpu_started = time.perf_counter(), time.process_time()
         samples = candidate_samples(out, [stage], 0)
         loaded, cpu_loaded = time.perf_counter(), time.process_time()
-        duplicates = find_duplicates(samples, max_hamming)
+        duplicates = find_duplicates(samples, max_hamming, params.scope, params.max_chroma_hamming, crop_hamming,
+                                     params.crop_chroma_hamming)
         searched, cpu_searched = time.perf_counter(), time.process_time()
     per_shard = -(-count // shards)
 
@@ -290,48 +397,54 @@ def search_at_scale(count: int, max_hamming: int, shards: int, queue) -> None:
     dropped = dict(zip((f"{Path(s).stem}/k{p:07d}"
                         for s, p in zip(duplicates["shard"].to_list(), duplicates["position"].to_list())),
                        duplicates["dedup_duplicate_of"].to_list()))
-    # A near copy is found when it and its source are not both kept; a far copy is merged when it lands in its
-    # source's group.
-    near_found = sum(name(a) in dropped or name(b) in dropped for a, b in planted["near"])
+    # A near copy or crop is found when it and its source are not both kept; a far copy is merged when it lands
+    # in its source's group.
+    found = {kind: sum(name(a) in dropped or name(b) in dropped for a, b in planted[kind]) for kind in ("near", "crop")}
     far_merged = sum(dropped.get(name(a), name(a)) == dropped.get(name(b), name(b)) for a, b in planted["far"])
     queue.put({"rows": samples.height, "load_s": loaded - started, "search_s": searched - loaded,
                "load_cpu": cpu_loaded - cpu_started, "search_cpu": cpu_searched - cpu_loaded,
-               "duplicates": duplicates.height, "near_found": near_found, "near": len(planted["near"]),
+               "duplicates": duplicates.height, "near_found": found["near"], "near": len(planted["near"]),
+               "crop_found": found["crop"], "crop": len(planted["crop"]),
                "far_merged": far_merged, "far": len(planted["far"]),
                "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                "before_mib": before, "baseline_mib": baseline})
 
 
-def scale_table(count: int, distances: list[int], shards: int) -> None:
-    print(f"{count:,} hashes in {shards} manifests, 1% planted near copies, 0.5% planted far copies")
-    print(f"{'max_hamming':>11}{'read s':>8}{'search s':>10}{'total s':>9}{'CPU s':>7}{'near found':>13}"
-          f"{'far merged':>12}{'dropped':>9}{'peak RSS MiB':>14}{'(after imports)':>17}")
+def scale_table(count: int, rules: list[tuple[int, int]], shards: int) -> None:
+    print(f"{count:,} fingerprints in {shards} manifests, 1% planted near copies, 0.5% planted far copies, 0.5% "
+          f"planted crops (with crop matching)")
+    print(f"{'max_hamming':>11}{'crop':>5}{'read s':>8}{'search s':>10}{'total s':>9}{'CPU s':>7}{'near found':>13}"
+          f"{'crops found':>14}{'far merged':>12}{'dropped':>9}{'peak RSS MiB':>14}{'(after imports)':>17}")
     context = multiprocessing.get_context("spawn")
-    for distance in distances:
+    for distance, crop in rules:
         queue = context.Queue()
-        worker = context.Process(target=search_at_scale, args=(count, distance, shards, queue))
+        worker = context.Process(target=search_at_scale, args=(count, distance, crop, shards, queue))
         worker.start()
         result = queue.get()
         worker.join()
-        print(f"{distance:>11}{result['load_s']:>8.1f}{result['search_s']:>10.1f}"
+        print(f"{distance:>11}{crop:>5}{result['load_s']:>8.1f}{result['search_s']:>10.1f}"
               f"{result['load_s'] + result['search_s']:>9.1f}{result['load_cpu'] + result['search_cpu']:>7.1f}"
-              f"{result['near_found']:>8}/{result['near']:<5}{result['far_merged']:>6}/{result['far']:<5}"
-              f"{result['duplicates']:>9}{result['peak_mib']:>14.0f}{result['baseline_mib']:>17.0f}")
+              f"{result['near_found']:>8}/{result['near']:<5}{result['crop_found']:>8}/{result['crop']:<5}"
+              f"{result['far_merged']:>6}/{result['far']:<5}"
+              f"{result['duplicates']:>9}{result['peak_mib']:>14.0f}{result['baseline_mib']:>17.0f}", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=6000, help="synthetic samples for the quality table")
-    parser.add_argument("--rules", nargs="+", default=["3:-1", "2:6", "3:6", "4:6", "6:6", "8:6"],
-                        help="MAX_HAMMING:MAX_CHROMA_HAMMING pairs for the quality table (-1: no colour check)")
+    parser.add_argument("--rules", nargs="+", default=["3:-1:-1:-1", "3:6:-1:-1", "4:6:-1:-1", "3:6:5:10", "3:6:6:10",
+                                                       "3:6:7:10", "3:6:6:-1"],
+                        help="MAX_HAMMING:MAX_CHROMA_HAMMING[:CROP_HAMMING:CROP_CHROMA_HAMMING] for the quality "
+                             "table (-1: no colour check, no crop matching)")
     parser.add_argument("--hashes", type=int, default=1_000_000)
-    parser.add_argument("--scale-hamming", type=int, nargs="+", default=[3, 4])
+    parser.add_argument("--scale-rules", nargs="+", default=["3:-1", "3:6", "4:6"],
+                        help="MAX_HAMMING:CROP_HAMMING pairs for the search at scale (-1: no crop matching)")
     parser.add_argument("--shards", type=int, default=100)
     parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "speed", "scale"])
     args = parser.parse_args()
     if "scale" not in args.skip:
         print("== global search at scale")
-        scale_table(args.hashes, args.scale_hamming, args.shards)
+        scale_table(args.hashes, [tuple(int(x) for x in rule.split(":")) for rule in args.scale_rules], args.shards)
     if "speed" not in args.skip:
         print("\n== perceptual hashing speed")
         if (SHARED / "myntra-large").is_dir() or (SHARED / "flickr8k").is_dir():
@@ -344,7 +457,8 @@ def main() -> None:
             sets = {"synth": synth_samples(Path(folder), args.samples)}
             if (SHARED / "flickr8k").is_dir():
                 sets["real"] = real_samples()
-            quality_table(sets, [tuple(int(x) for x in rule.split(":")) for rule in args.rules])
+            rules = [tuple(int(x) for x in rule.split(":")) for rule in args.rules]
+            quality_table(sets, [rule + (-1, -1)[: 4 - len(rule)] for rule in rules])
 
 
 if __name__ == "__main__":

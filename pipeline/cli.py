@@ -268,17 +268,27 @@ def funnel_from_manifests(output: str) -> dict:
 
 
 def cmd_stats(args) -> int:
+    from pipeline.dedup import duplicate_groups, format_duplicate_groups
+    from pipeline.run import manifests_frame
+
     stats = funnel_from_manifests(args.output)
+    groups = duplicate_groups(manifests_frame(args.output))
     if args.json:
-        print(json.dumps({k: v for k, v in stats.items() if k != "per_shard"}, indent=2))
+        summary = {k: v for k, v in stats.items() if k != "per_shard"}
+        if groups is not None:
+            summary["duplicate_groups"] = groups
+        print(json.dumps(summary, indent=2))
     else:
         print(format_funnel(stats))
+        if groups is not None:
+            print(format_duplicate_groups(groups))
     return 0
 
 
 def cmd_explain(args) -> int:
     from pipeline.curate import stage_reason_expr, verdict_frame
     from pipeline.run import load_saved_config, manifests_frame
+    from stages.dedup import DedupStage, ResolvedDedupStage
 
     config = load_saved_config(args.output)
     rows = manifests_frame(args.output).filter(pl.col("key") == args.key).collect()
@@ -287,8 +297,11 @@ def cmd_explain(args) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     stages = [s.build() for s in config.enabled_stages]
+    # The dedup stage's verdict was decided over the whole output and stored in its verdict columns: judged from
+    # them, as the selection step did.
+    judged = [ResolvedDedupStage(s.params, {}) if isinstance(s, DedupStage) else s for s in stages]
     frame = verdict_frame(rows)
-    for row, verdict_row in zip(frame.to_dicts(), frame.select([stage_reason_expr(s).alias(s.name) for s in stages])
+    for row, verdict_row in zip(frame.to_dicts(), frame.select([stage_reason_expr(s).alias(s.name) for s in judged])
                                 .to_dicts()):
         print(f"key:       {printable(row['key'])}  (shard {printable(row['shard'])}, position {row['position']})")
         print(f"original:  {row['caption_original']!r}")
@@ -297,10 +310,17 @@ def cmd_explain(args) -> int:
         if row["read_error"]:
             print(f"read:      {row['read_error']}")
         for stage in stages:
-            values = ", ".join(f"{c}={row.get(c)!r}" for c in stage.columns if c in row)
+            values = ", ".join(f"{c}={shown(row.get(c))}" for c in stage.columns if c in row)
             verdict = verdict_row[stage.name] or "pass"
             print(f"  {stage.name:<14}{verdict:<36}{values}")
     return 0
+
+
+def shown(value) -> str:
+    """A manifest value for ``explain``: long lists (the dedup stage's window hashes) as their length."""
+    if isinstance(value, list) and len(value) > 4:
+        return f"[{len(value)} values]"
+    return repr(value)
 
 
 def cmd_select(args) -> int:

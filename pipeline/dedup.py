@@ -21,6 +21,19 @@ same verdicts as one fresh run over all the shards.
   comparisons per band; with uniformly spread hashes that is about ``N**2 * bands / 2**(63 / bands + 1)`` in
   all: for a million samples 2-3 CPU seconds at ``max_hamming`` 3, 8 at 4, and several times more for each
   further bit (``bench/dedup.py``).
+* **Crops**: image ``i`` may be a crop of image ``j`` when its pHash is within ``crop_hamming`` bits of one of
+  ``j``'s window hashes (and its chroma hash within ``crop_chroma_hamming`` bits of that window's, unless -1):
+  see ``stages.dedup``; off when ``max_hamming`` is -1 (byte copies only). Found without comparing all pairs:
+  the windows are bucketed by the values of the pHash's 24 key bits (a table of ``2**24`` buckets), and each
+  pHash looks its key up 128 times, with every combination of its 7 least certain key bits flipped (multi-probe
+  lookup); the windows found are compared in full. A crop whose key differs from the right window's in a bit
+  that is not among the 7 probed is missed (about 1% of the crops within the distances, on real photos). Cost:
+  ``128 * 16 * N**2 / 2**24`` candidates for uniformly spread hashes (120 million for a million samples, about
+  26 CPU seconds): see ``bench/dedup.py``.
+* **Evaluation images** (``evaluation``): hashed when the search runs, and searched together with the samples
+  first, with the same distances (scope ``image``: captions play no part); every sample that is an exact, near
+  or crop duplicate of one of them is dropped (``dedup_duplicate_of``: ``evaluation/NAME``) and takes no part
+  in the groups.
 * **Groups**: in rank order, a sample is kept unless a kept, better-ranked sample is within the distances; then
   it is dropped as that sample's duplicate. Every dropped sample is therefore within the distances of the one it
   names (a star around the kept sample, not a transitive closure: chains A~B~C of look-alike but distinct images
@@ -29,6 +42,8 @@ same verdicts as one fresh run over all the shards.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -38,12 +53,15 @@ import pyarrow as pa
 from pipeline.curate import drop_reason_expr
 from pipeline.outputs import OutputDir
 from stages.base import Stage
-from stages.dedup import VERDICT_COLUMNS, DedupStage, ResolvedDedupStage
+from stages.dedup import (KEY_BITS, VERDICT_COLUMNS, WINDOWS, DedupParams, DedupStage, ResolvedDedupStage,
+                          evaluation_images, fingerprint)
 
 HASH_BITS = 64
 PAIR_BLOCK = 1 << 22  # candidate pairs compared at once: bounds the search's working memory (about 200 MiB)
 SAMPLE_SCHEMA = {"stem": pl.String, "shard": pl.String, "position": pl.Int64, "key": pl.String, "sha": pl.UInt64,
-                 "phash": pl.Int64, "chroma": pl.Int64, "caption_hash": pl.Int64, "score": pl.Float64}
+                 "phash": pl.Int64, "chroma": pl.Int64, "caption_hash": pl.Int64, "score": pl.Float64,
+                 "probe": pl.Int64, "windows": pl.List(pl.Int64), "window_chroma": pl.List(pl.Int64)}
+CROP_COLUMNS = ("probe", "windows", "window_chroma")  # absent from manifests written before crops were matched
 RESULT_SCHEMA = {"shard": pl.String, "position": pl.Int64, "dedup_duplicate_of": pl.String,
                  "dedup_match": pl.String, "dedup_distance": pl.Int32}
 
@@ -135,6 +153,108 @@ def _pairs_within_runs(same: np.ndarray, block: int) -> Iterator[tuple[np.ndarra
         begin = end
 
 
+def _subsets(masks: np.ndarray) -> Iterator[np.ndarray]:
+    """Every subset of each mask (all masks have the same number of bits set), one array per subset."""
+    subset = np.zeros_like(masks)
+    for _ in range(1 << int(np.bitwise_count(masks).max(initial=0))):
+        yield subset
+        subset = (subset - masks) & masks  # the next subset, in counting order over the mask's bits
+
+
+def _ranges(starts: np.ndarray, counts: np.ndarray, block: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(owner, position) for every position in ``starts[k] .. starts[k] + counts[k] - 1``, about ``block`` at a
+    time."""
+    cumulative = np.cumsum(counts)
+    begin = 0
+    while begin < len(counts):
+        base = cumulative[begin - 1] if begin else 0
+        end = max(begin + 1, int(np.searchsorted(cumulative, base + block, side="right")))
+        part = counts[begin:end]
+        total = int(part.sum())
+        if total:
+            owners = np.repeat(np.arange(begin, end), part)
+            offsets = np.arange(total) - np.repeat(np.cumsum(part) - part, part)
+            yield owners, np.repeat(starts[begin:end], part) + offsets
+        begin = end
+
+
+def _compactor(mask: int) -> list[tuple[int, np.ndarray]]:
+    """Per byte of a 64-bit value that holds bits of ``mask``: (shift, 256-entry table) giving those bits packed
+    next to each other (the lowest mask bit first), so that OR-ing the tables' entries packs the whole mask."""
+    positions = [bit for bit in range(64) if mask >> bit & 1]
+    tables = []
+    for byte in range(8):
+        inside = [(index, bit - 8 * byte) for index, bit in enumerate(positions) if 8 * byte <= bit < 8 * byte + 8]
+        if inside:
+            values = np.arange(256)
+            table = np.zeros(256, dtype=np.uint32)
+            for index, offset in inside:
+                table |= ((values >> offset) & 1).astype(np.uint32) << np.uint32(index)
+            tables.append((8 * byte, table))
+    return tables
+
+
+_KEY_COMPACTOR = _compactor(KEY_BITS)
+KEY_WIDTH = bin(KEY_BITS).count("1")
+
+
+def compact_keys(values: np.ndarray) -> np.ndarray:
+    """The key bits (``stages.dedup.KEY_BITS``) of 64-bit values, packed into the low bits of uint32 values."""
+    packed = np.zeros(values.shape, dtype=np.uint32)
+    for shift, table in _KEY_COMPACTOR:
+        packed |= table[(values >> np.uint64(shift)) & np.uint64(0xFF)]
+    return packed
+
+
+def crop_pairs(hashes: np.ndarray, probes: np.ndarray, windows: np.ndarray, max_distance: int,
+               chroma: np.ndarray | None = None, window_chroma: np.ndarray | None = None, max_chroma: int = -1,
+               groups: np.ndarray | None = None,
+               block: int = PAIR_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ``(i, j)``, ``i != j``, where hash ``i`` is within ``max_distance`` bits of one of the window hashes
+    ``windows[j]`` (and ``chroma[i]`` within ``max_chroma`` bits of that window's ``window_chroma``, when
+    given; ``groups`` equal, when given) and differs from it, among the key bits, only in bits set in
+    ``probes[i]``: image ``i`` looks like a crop of image ``j``. The windows' keys are bucketed in a table
+    addressed by the packed key (``2**24`` entries); each hash looks up its key with every combination of its
+    probe bits flipped, and the windows found are compared in full. Returns ``(i, j, distance)`` as int64
+    arrays sorted by ``(i, j)``, each pair once, with its closest window."""
+    values, masks = as_bits(hashes), as_bits(probes)
+    table = as_bits(windows).ravel()
+    colours = as_bits(window_chroma).ravel() if chroma is not None and max_chroma >= 0 else None
+    queries_colour = as_bits(chroma) if colours is not None else None
+    per_row = windows.shape[1] if windows.ndim == 2 else 1
+    found_i, found_j, found_d = [], [], []
+    if len(values) >= 2 and len(table) and max_distance >= 0:
+        keys = compact_keys(table)
+        order = np.argsort(keys, kind="stable")
+        offsets = np.zeros((1 << KEY_WIDTH) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(keys, minlength=1 << KEY_WIDTH), out=offsets[1:])
+        ordered, owners = table[order], order // per_row
+        ordered_colours = colours[order] if colours is not None else None
+        del keys, order
+        own_keys, own_masks = compact_keys(values), compact_keys(masks)
+        for subset in _subsets(own_masks):
+            probe = own_keys ^ subset
+            starts = offsets[probe]
+            for query, position in _ranges(starts, offsets[probe + 1] - starts, block):
+                distance = np.bitwise_count(values[query] ^ ordered[position])
+                close = (distance <= max_distance) & (owners[position] != query)
+                if ordered_colours is not None:
+                    close &= np.bitwise_count(queries_colour[query] ^ ordered_colours[position]) <= max_chroma
+                if groups is not None:
+                    close &= groups[query] == groups[owners[position]]
+                found_i.append(query[close])
+                found_j.append(owners[position][close])
+                found_d.append(distance[close])
+    if not found_i:
+        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
+    i, j, d = (np.concatenate(part).astype(np.int64) for part in (found_i, found_j, found_d))
+    order = np.lexsort((d, j, i))
+    i, j, d = i[order], j[order], d[order]
+    first = np.ones(len(i), dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return i[first], j[first], d[first]
+
+
 def keepers(count: int, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
     """For ``count`` items in rank order (best first) and the pairs ``(lows[k], highs[k])`` that are near each
     other (``lows < highs``): each item's keeper, itself when it is kept. In rank order an item is kept unless a
@@ -159,48 +279,129 @@ def keepers(count: int, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ duplicate verdicts
 
-def find_duplicates(samples: pl.DataFrame, max_hamming: int, scope: str = "image",
-                    max_chroma_hamming: int = -1) -> pl.DataFrame:
-    """The duplicates among ``samples`` (columns of ``SAMPLE_SCHEMA``, in keep-preference order: best first),
-    one row each: shard, position and the verdict columns (``stages.dedup.VERDICT_COLUMNS``). Near-duplicates
-    have pHashes within ``max_hamming`` bits and, unless ``max_chroma_hamming`` is -1, chroma hashes within
-    that many bits."""
+def _window_arrays(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row indices with all their window hashes, their window pHashes, their window chroma hashes): (n, WINDOWS)
+    uint64 arrays."""
+    complete = (frame["windows"].list.len().fill_null(0) == WINDOWS) & (
+        frame["window_chroma"].list.len().fill_null(0) == WINDOWS) & frame["probe"].is_not_null()
+    rows = np.flatnonzero(complete.to_numpy())
+    chosen = frame[rows]
+    luma = chosen["windows"].explode().to_numpy().astype(np.int64).view(np.uint64).reshape(-1, WINDOWS)
+    colour = chosen["window_chroma"].explode().to_numpy().astype(np.int64).view(np.uint64).reshape(-1, WINDOWS)
+    return rows, luma, colour
+
+
+def _with_crop_columns(samples: pl.DataFrame) -> pl.DataFrame:
+    missing = [pl.lit(None, dtype=SAMPLE_SCHEMA[name]).alias(name) for name in CROP_COLUMNS
+               if name not in samples.columns]
+    return samples.with_columns(missing) if missing else samples
+
+
+def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0) -> np.ndarray:
+    """Each sample's keeper (its own index when kept) under ``rule``'s distances and scope; the first
+    ``protected`` samples are never dropped (and never drop one another)."""
     count = samples.height
-    if count == 0:
-        return pl.DataFrame(schema=RESULT_SCHEMA)
-    caption = pl.col("caption_hash").fill_null(0) if scope == "image_and_caption" else pl.lit(0, pl.Int64)
+    caption = pl.col("caption_hash").fill_null(0) if rule.scope == "image_and_caption" else pl.lit(0, pl.Int64)
     rows = samples.with_row_index("id").with_columns(caption.alias("same_caption"))
     keeper = rows.select(pl.col("id").min().over("sha", "phash", "same_caption")).to_series().to_numpy().astype(
         np.int64)
-    if max_hamming >= 0:
-        colour = pl.col("chroma").fill_null(0) if max_chroma_hamming >= 0 else pl.lit(0, pl.Int64)
-        hashed = rows.filter(pl.col("phash").is_not_null()).with_columns(colour.alias("colour")).select(
-            "id", "phash", "colour", "same_caption",
-            pl.col("id").min().over("phash", "colour", "same_caption").alias("hash_rep"))
-        unique = hashed.filter(pl.col("id") == pl.col("hash_rep"))
-        unique_ids = unique["id"].to_numpy().astype(np.int64)
-        groups = unique["same_caption"].to_numpy() if scope == "image_and_caption" else None
-        lows, highs = near_pairs(unique["phash"].to_numpy(), max_hamming, groups, unique["colour"].to_numpy(),
-                                 max_chroma_hamming)
-        lead = np.arange(count)
-        lead[unique_ids] = unique_ids[keepers(len(unique_ids), lows, highs)]
-        keeper[hashed["id"].to_numpy()] = lead[hashed["hash_rep"].to_numpy()]
-    dropped = np.flatnonzero(keeper != np.arange(count))
-    if not len(dropped):
+    if rule.max_hamming < 0:  # byte-identical copies only (no near or crop matching)
+        return np.where(np.arange(count) < protected, np.arange(count), keeper)
+    colour = pl.col("chroma").fill_null(0) if rule.max_chroma_hamming >= 0 else pl.lit(0, pl.Int64)
+    hashed = rows.filter(pl.col("phash").is_not_null()).with_columns(colour.alias("colour")).with_columns(
+        pl.col("id").min().over("phash", "colour", "same_caption").alias("hash_rep"))
+    unique = hashed.filter(pl.col("id") == pl.col("hash_rep"))
+    unique_ids = unique["id"].to_numpy().astype(np.int64)
+    groups = unique["same_caption"].to_numpy() if rule.scope == "image_and_caption" else None
+    lows, highs = near_pairs(unique["phash"].to_numpy(), rule.max_hamming, groups, unique["colour"].to_numpy(),
+                             rule.max_chroma_hamming)
+    if rule.crop_hamming >= 0:
+        rows_with, windows, window_chroma = _window_arrays(unique)
+        if len(rows_with):
+            crops, originals, _ = crop_pairs(
+                unique["phash"][rows_with].to_numpy(), unique["probe"][rows_with].to_numpy(), windows,
+                rule.crop_hamming, unique["chroma"][rows_with].fill_null(0).to_numpy(), window_chroma,
+                rule.crop_chroma_hamming, groups[rows_with] if groups is not None else None)
+            crops, originals = rows_with[crops], rows_with[originals]
+            lows = np.concatenate([lows, np.minimum(crops, originals)])
+            highs = np.concatenate([highs, np.maximum(crops, originals)])
+            code = np.unique(lows * len(unique_ids) + highs)
+            lows, highs = code // len(unique_ids), code % len(unique_ids)
+    if protected:
+        among = unique_ids[highs] < protected  # both protected (lows rank before highs)
+        lows, highs = lows[~among], highs[~among]
+    lead = np.arange(count)
+    lead[unique_ids] = unique_ids[keepers(len(unique_ids), lows, highs)]
+    keeper[hashed["id"].to_numpy()] = lead[hashed["hash_rep"].to_numpy()]
+    keeper[:protected] = np.arange(min(protected, count))
+    return keeper
+
+
+def _distances(copies: pl.DataFrame, kept: pl.DataFrame, rule: DedupParams) -> tuple[np.ndarray, np.ndarray]:
+    """(match kind, pHash distance) of each copy to the sample it duplicates: ``exact`` (same bytes), ``near``
+    (whole-image hashes within the distances) or ``crop`` (then the distance to the closest window, either
+    way); the distance is -1 when either side has no pHash."""
+    same_bytes = ((copies["sha"] == kept["sha"]) & copies["phash"].eq_missing(kept["phash"])).to_numpy()
+    both_hashed = (copies["phash"].is_not_null() & kept["phash"].is_not_null()).to_numpy()
+    a = copies["phash"].fill_null(0).to_numpy().view(np.uint64)
+    b = kept["phash"].fill_null(0).to_numpy().view(np.uint64)
+    distance = np.bitwise_count(a ^ b).astype(np.int64)
+    colour = np.bitwise_count(copies["chroma"].fill_null(0).to_numpy().view(np.uint64)
+                              ^ kept["chroma"].fill_null(0).to_numpy().view(np.uint64))
+    near = (distance <= rule.max_hamming) & ((rule.max_chroma_hamming < 0) | (colour <= rule.max_chroma_hamming))
+    kind = np.where(same_bytes, "exact", np.where(near & both_hashed, "near", "crop"))
+    cropped = np.flatnonzero((kind == "crop") & both_hashed)
+    if len(cropped):
+        pair = pl.concat([copies[cropped].select(CROP_COLUMNS), kept[cropped].select(CROP_COLUMNS)])
+        rows_with, windows, _ = _window_arrays(pair)
+        closest = np.full(2 * len(cropped), 64, dtype=np.int64)
+        other = np.concatenate([b[cropped], a[cropped]])  # each side's pHash against the other's windows
+        closest[rows_with] = np.bitwise_count(other[rows_with, None] ^ windows).min(axis=1)
+        distance[cropped] = np.minimum(closest[: len(cropped)], closest[len(cropped):])
+    return kind, np.where(both_hashed, distance, -1)
+
+
+def find_duplicates(samples: pl.DataFrame, max_hamming: int, scope: str = "image",
+                    max_chroma_hamming: int = -1, crop_hamming: int = -1, crop_chroma_hamming: int = -1,
+                    evaluation: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The duplicates among ``samples`` (columns of ``SAMPLE_SCHEMA``, in keep-preference order: best first),
+    one row each: shard, position and the verdict columns (``stages.dedup.VERDICT_COLUMNS``). Near-duplicates
+    have pHashes within ``max_hamming`` bits and, unless ``max_chroma_hamming`` is -1, chroma hashes within
+    that many bits; crops are matched with ``crop_hamming`` and ``crop_chroma_hamming`` (-1: no crop matching).
+    ``evaluation`` (the same columns, ``stem`` "evaluation", ``key`` the image's name): every sample that
+    duplicates one of these images is dropped first, naming it."""
+    rule = DedupParams(max_hamming=max_hamming, max_chroma_hamming=max_chroma_hamming, crop_hamming=crop_hamming,
+                       crop_chroma_hamming=crop_chroma_hamming, scope=scope)
+    samples = _with_crop_columns(samples)
+    found = []
+    if evaluation is not None and evaluation.height and samples.height:
+        protected = evaluation.height
+        combined = pl.concat([_with_crop_columns(evaluation).select(list(SAMPLE_SCHEMA)),
+                              samples.select(list(SAMPLE_SCHEMA))])
+        keeper = _keepers_of(combined, dataclasses.replace(rule, scope="image"), protected)
+        flagged = np.flatnonzero(keeper[protected:] < protected)
+        found.append(_verdicts(samples[flagged], combined[keeper[protected + flagged]], rule, "evaluation"))
+        samples = samples.with_row_index("_row").filter(~pl.col("_row").is_in(flagged)).drop("_row")
+    if samples.height:
+        keeper = _keepers_of(samples, rule)
+        dropped = np.flatnonzero(keeper != np.arange(samples.height))
+        found.append(_verdicts(samples[dropped], samples[keeper[dropped]], rule))
+    found = [frame for frame in found if frame.height]
+    return pl.concat(found) if found else pl.DataFrame(schema=RESULT_SCHEMA)
+
+
+def _verdicts(copies: pl.DataFrame, kept: pl.DataFrame, rule: DedupParams, kind: str | None = None) -> pl.DataFrame:
+    if not copies.height:
         return pl.DataFrame(schema=RESULT_SCHEMA)
-    copies = samples[dropped]
-    kept = samples[keeper[dropped]]
-    same_bytes = (copies["sha"] == kept["sha"]) & copies["phash"].eq_missing(kept["phash"])
-    both_hashed = copies["phash"].is_not_null() & kept["phash"].is_not_null()
-    xor = np.bitwise_xor(copies["phash"].fill_null(0).to_numpy().view(np.uint64),
-                         kept["phash"].fill_null(0).to_numpy().view(np.uint64))
+    kinds, distance = _distances(copies, kept, rule)
     return pl.DataFrame({
         "shard": copies["shard"],
         "position": copies["position"],
         "dedup_duplicate_of": kept["stem"] + "/" + kept["key"],
-        "dedup_match": pl.Series(np.where(same_bytes.to_numpy(), "exact", "near"), dtype=pl.String),
-        "dedup_distance": pl.Series(np.bitwise_count(xor).astype(np.int32)),
-    }).with_columns(pl.when(both_hashed).then(pl.col("dedup_distance")).alias("dedup_distance"))
+        "dedup_match": pl.Series(np.full(copies.height, kind) if kind else kinds, dtype=pl.String),
+        "dedup_distance": pl.Series(distance.astype(np.int32)),
+    }, schema=RESULT_SCHEMA).with_columns(
+        pl.when(pl.col("dedup_distance") >= 0).then(pl.col("dedup_distance")).alias("dedup_distance"))
 
 
 def preference_order(samples: pl.DataFrame) -> pl.DataFrame:
@@ -219,10 +420,10 @@ def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.Dat
     prefer = dedup.params.prefer
     frames = []
     for stem in sorted(out.done_records()):
-        path = out.manifest_path(stem)
-        if not path.is_file():
+        if not out.is_file(out.manifest_name(stem)):
             continue
-        scan = pl.scan_parquet(path)
+        sources, options = out.polars_manifests([stem])
+        scan = pl.scan_parquet(sources, storage_options=options)
         schema = scan.collect_schema()
         names = schema.names()
         if "dedup_sha256" not in names:  # a shard without samples
@@ -231,15 +432,41 @@ def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.Dat
             scan = scan.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
         ranked = prefer in names and schema[prefer].is_numeric()  # a missing or non-numeric column ranks nothing
         score = pl.col(prefer).cast(pl.Float64) if ranked else pl.lit(None, dtype=pl.Float64)
+        crops = [pl.col(column).alias(name) if column in names and min(dedup.params.max_hamming,
+                                                                        dedup.params.crop_hamming) >= 0
+                 else pl.lit(None, dtype=SAMPLE_SCHEMA[name]).alias(name)  # window hashes: read only when used
+                 for name, column in (("probe", "dedup_probe_bits"), ("windows", "dedup_window_phash"),
+                                      ("window_chroma", "dedup_window_chroma"))]
         frames.append(scan.filter(passes).select(
             pl.lit(stem).alias("stem"), "shard", pl.col("position").cast(pl.Int64), "key",
             pl.col("dedup_sha256").str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64).alias("sha"),
             pl.col("dedup_phash").alias("phash"), pl.col("dedup_chroma_hash").alias("chroma"),
             pl.col("dedup_caption_hash").alias("caption_hash"),
-            score.alias("score")))
+            score.alias("score"), *crops))
     if not frames:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
     return preference_order(pl.concat(frames).collect(engine="streaming"))
+
+
+def evaluation_frame(spec: str, max_pixels: int) -> pl.DataFrame | None:
+    """The evaluation images of ``spec`` (``stages.dedup.evaluation_images``) fingerprinted, as search input
+    (stem ``evaluation``, key the image's name); None when ``spec`` is empty."""
+    if not spec:
+        return None
+    rows = []
+    for position, (name, data) in enumerate(evaluation_images(spec)):
+        try:
+            found = fingerprint(data, max_pixels)
+        except Exception:  # noqa: BLE001 - unhashable: matched by its bytes only
+            found = None
+        rows.append({"stem": "evaluation", "shard": "", "position": position, "key": name,
+                     "sha": int(hashlib.sha256(data).hexdigest()[:16], 16),
+                     "phash": found.phash if found else None, "chroma": found.chroma if found else None,
+                     "caption_hash": None,
+                     "score": None, "probe": found.probe if found else None,
+                     "windows": found.windows if found else None,
+                     "window_chroma": found.window_chroma if found else None})
+    return pl.DataFrame(rows, schema=SAMPLE_SCHEMA)
 
 
 def by_shard(duplicates: pl.DataFrame) -> dict[str, pa.Table]:
@@ -255,10 +482,65 @@ def resolve_duplicates(out: OutputDir, stages: list[Stage]) -> list[Stage]:
     for index, stage in enumerate(stages):
         if not isinstance(stage, DedupStage) or isinstance(stage, ResolvedDedupStage):
             continue
-        samples = candidate_samples(out, stages, index) if out.manifests.is_dir() else pl.DataFrame(
-            schema=SAMPLE_SCHEMA)
-        duplicates = find_duplicates(samples, stage.params.max_hamming, stage.params.scope,
-                                     stage.params.max_chroma_hamming)
+        samples = candidate_samples(out, stages, index)
+        params = stage.params
+        duplicates = find_duplicates(samples, params.max_hamming, params.scope, params.max_chroma_hamming,
+                                     params.crop_hamming, params.crop_chroma_hamming,
+                                     evaluation_frame(params.evaluation, params.max_pixels))
         resolved[index] = ResolvedDedupStage(stage.params, by_shard(duplicates))
         resolved[index].resources = stage.resources
     return resolved
+
+
+# ------------------------------------------------------------------------------------ duplicate groups
+
+def _size_label(size: int) -> str:
+    """Group sizes are counted one by one up to 5, then as 6-10 and 11+."""
+    if size <= 5:
+        return str(size)
+    return "6-10" if size <= 10 else "11+"
+
+
+def duplicate_groups(frame: pl.DataFrame | pl.LazyFrame) -> dict | None:
+    """Duplicate groups of an output from its manifests (the verdict columns the selection step filled): a
+    group is a kept sample with the samples dropped as its duplicates. Returns the number of groups, of
+    duplicates (per match kind), the distribution of group sizes (members, the kept one included) and the
+    largest group, plus the samples dropped as duplicates of evaluation images; None when the output has no
+    dedup stage."""
+    lazy = frame.lazy()
+    names = lazy.collect_schema().names()
+    if "dedup_duplicate_of" not in names or "dedup_match" not in names:
+        return None
+    dropped = lazy.filter(pl.col("dedup_duplicate_of").is_not_null()).select("dedup_duplicate_of", "dedup_match")
+    dropped = dropped.collect()
+    evaluation = dropped.filter(pl.col("dedup_match") == "evaluation")
+    within = dropped.filter(pl.col("dedup_match") != "evaluation")
+    sizes = within.group_by("dedup_duplicate_of").len()["len"] + 1
+    distribution: dict[str, int] = {}
+    for size, count in sorted(sizes.value_counts().rows()):
+        label = _size_label(size)
+        distribution[label] = distribution.get(label, 0) + count
+    return {
+        "groups": sizes.len(),
+        "duplicates": within.height,
+        "by_match": dict(sorted(within["dedup_match"].value_counts().rows())),
+        "group_sizes": distribution,
+        "largest_group": int(sizes.max()) if sizes.len() else 0,
+        "evaluation_duplicates": evaluation.height,
+        "evaluation_images_matched": evaluation["dedup_duplicate_of"].n_unique(),
+    }
+
+
+def format_duplicate_groups(groups: dict) -> str:
+    """The duplicate groups of ``duplicate_groups`` as the lines ``vlcurate stats`` prints."""
+    kinds = ", ".join(f"{kind} {count}" for kind, count in groups["by_match"].items())
+    lines = [f"duplicate groups: {groups['groups']} (a kept sample and {groups['duplicates']} duplicates"
+             + (f": {kinds})" if kinds else ")")]
+    if groups["group_sizes"]:
+        lines.append("  group size      groups")
+        lines += [f"  {size:<10}{count:>12}" for size, count in groups["group_sizes"].items()]
+        lines.append(f"  largest group: {groups['largest_group']} samples")
+    if groups["evaluation_duplicates"]:
+        lines.append(f"evaluation duplicates: {groups['evaluation_duplicates']} samples, of "
+                     f"{groups['evaluation_images_matched']} evaluation images")
+    return "\n".join(lines)

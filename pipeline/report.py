@@ -1,8 +1,8 @@
 """`vlcurate report DIR`: one self-contained HTML page (figures and thumbnails embedded) plus the PNG figures.
 
 Sections: the funnel per stage; a histogram of each score with its threshold marked; kept samples; dropped
-samples per reason, with their captions; CapFilt's caption changes; and, when training folders are given, loss
-curves and diffusion samples.
+samples per reason, with their captions; duplicate groups (the largest few, each kept sample beside its
+duplicates); CapFilt's caption changes; and, when training folders are given, loss curves and diffusion samples.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ SCORES = {
 THUMBNAIL = 96
 PER_REASON = 6
 KEPT_SHOWN = 12
+REPORT = "report"  # the report's folder inside the output
+GROUPS_SHOWN = 6  # duplicate groups shown, largest first
+MEMBERS_SHOWN = 6  # members shown per group, the kept one first
 
 
 def _png(figure) -> bytes:
@@ -117,16 +120,15 @@ def loss_figure(name: str, lines: list[dict]):
     return png
 
 
-def write_report(output: str, training: list[str] | None = None, samples: str | None = None) -> Path:
-    """Write OUTPUT/report/index.html (self-contained) and the figures as PNG files beside it."""
+def write_report(output: str, training: list[str] | None = None, samples: str | None = None) -> Path | str:
+    """Write OUTPUT/report/index.html (self-contained) and the figures as PNG files beside it (in the output's
+    object store when it is one); returns where the page is."""
     out = OutputDir(output)
     config = load_saved_config(output)
-    stats = json.loads((out.root / "stats.json").read_text())
+    stats = out.read_json("stats.json")
     frame = manifests_frame(output).collect()
     if {"image_width", "image_height"} <= set(frame.columns):
         frame = frame.with_columns(pl.min_horizontal("image_width", "image_height").alias("image_min_side"))
-    folder = out.root / "report"
-    folder.mkdir(exist_ok=True)
     figures: list[tuple[str, str, bytes]] = [("funnel", "Funnel per stage", funnel_figure(stats))]
     declared = {s.name: s.params for s in config.enabled_stages}
     applied = {s.name: s.params for s in resolve_top_fractions(out, [s.build() for s in config.enabled_stages])}
@@ -145,15 +147,15 @@ def write_report(output: str, training: list[str] | None = None, samples: str | 
             name = Path(training_dir).name
             figures.append((f"loss-{name}", f"training loss: {name}", loss_figure(name, lines)))
     for name, _, png in figures:
-        (folder / f"{name}.png").write_bytes(png)
+        out.write_bytes(f"{REPORT}/{name}.png", png)
 
-    sections = [_figures_html(figures), _kept_html(out, frame), _dropped_html(frame), _capfilt_html(frame),
+    sections = [_figures_html(figures), _kept_html(out, frame), _dropped_html(frame), _duplicates_html(out, frame),
+                _capfilt_html(frame),
                 _training_html(training or []), _samples_html(samples)]
     page = PAGE.format(title=html.escape(f"vlcurate report: {config.name}"), total=stats["total"], kept=stats["kept"],
                        body="\n".join(s for s in sections if s))
-    path = folder / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    out.write_bytes(f"{REPORT}/index.html", page.encode("utf-8"))
+    return out.store.location(f"{REPORT}/index.html")
 
 
 def _figures_html(figures) -> str:
@@ -209,6 +211,67 @@ def _dropped_html(frame: pl.DataFrame) -> str:
     return "<h2>Dropped samples, per reason</h2>" + "".join(parts)
 
 
+def _duplicates_html(out: OutputDir, frame: pl.DataFrame) -> str:
+    """The largest duplicate groups: per group, the kept sample, then its duplicates with their match kind and
+    pHash distance; and a few samples dropped as duplicates of evaluation images."""
+    from pipeline.dedup import duplicate_groups
+
+    groups = duplicate_groups(frame)
+    if not groups or not (groups["groups"] or groups["evaluation_duplicates"]):
+        return ""
+    copies = frame.filter(pl.col("dedup_duplicate_of").is_not_null())
+    within = copies.filter(pl.col("dedup_match") != "evaluation")
+    leaders = (within.group_by("dedup_duplicate_of").len().sort(["len", "dedup_duplicate_of"],
+                                                                 descending=[True, False])
+               .head(GROUPS_SHOWN)["dedup_duplicate_of"].to_list())
+    kept_rows = _kept_members(out, leaders)
+    members = {leader: within.filter(pl.col("dedup_duplicate_of") == leader).sort("shard", "position")
+               .head(MEMBERS_SHOWN - 1).to_dicts() for leader in leaders}
+    evaluation = copies.filter(pl.col("dedup_match") == "evaluation").head(PER_REASON).to_dicts()
+    rows = [r for r in kept_rows.values()] + [r for group in members.values() for r in group] + evaluation
+    images = _images_for(rows)
+
+    def card(row: dict, note: str) -> str:
+        return _card(_thumbnail(images.get((row["shard"], row["key"]))), row.get("caption_original") or "", note)
+
+    def match(row: dict) -> str:
+        distance = row.get("dedup_distance")
+        return f"{row['key']}: {row['dedup_match']}" + (f", {distance} bits" if distance is not None else "")
+
+    sizes = ", ".join(f"{size}: {count}" for size, count in groups["group_sizes"].items())
+    parts = [f"<h2>Duplicate groups ({groups['groups']}; {groups['duplicates']} duplicates dropped)</h2>"
+             f"<p>Groups by size (members, the kept one included): {html.escape(sizes or 'none')}</p>"]
+    for leader in leaders:
+        kept = kept_rows.get(leader)
+        cards = (card(kept, f"{kept['key']}: kept") if kept else _card(None, "", f"{leader}: kept"))
+        cards += "".join(card(row, match(row)) for row in members[leader])
+        total = within.filter(pl.col("dedup_duplicate_of") == leader).height + 1
+        parts.append(f"<h3>{html.escape(leader)} ({total} samples)</h3><div class='grid group'>{cards}</div>")
+    if evaluation:
+        cards = "".join(card(row, f"{row['key']}: {row['dedup_duplicate_of']}") for row in evaluation)
+        parts.append(f"<h3>Duplicates of evaluation images ({groups['evaluation_duplicates']})</h3>"
+                     f"<div class='grid'>{cards}</div>")
+    return "".join(parts)
+
+
+def _kept_members(out: OutputDir, leaders: list[str]) -> dict[str, dict]:
+    """The manifest rows (shard, key, caption) of the kept samples named ``STEM/KEY``."""
+    wanted: dict[str, set[str]] = {}
+    for leader in leaders:
+        stem, _, key = leader.partition("/")
+        wanted.setdefault(stem, set()).add(key)
+    found = {}
+    for stem, keys in wanted.items():
+        try:
+            table = out.read_manifest(stem, ["shard", "key", "caption_original"])
+        except Exception:  # noqa: BLE001 - a manifest written before the column existed, or gone
+            continue
+        for row in table.to_pylist():
+            if row["key"] in keys:
+                found[f"{stem}/{row['key']}"] = row
+    return found
+
+
 def _capfilt_html(frame: pl.DataFrame) -> str:
     if "capfilt_web_itm" not in frame.columns:
         return ""
@@ -253,6 +316,7 @@ body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 .grid {{ display: flex; flex-wrap: wrap; gap: 12px; }}
 .card {{ width: 160px; font-size: 12px; }}
 .thumb {{ width: 96px; height: 96px; object-fit: contain; background: #eee; image-rendering: pixelated; }}
+.group {{ border-left: 3px solid #ccc; padding-left: 8px; }}
 .broken {{ display: flex; align-items: center; justify-content: center; color: #a00; }}
 .note {{ color: #777; }}
 figure {{ margin: 0; }}

@@ -1,6 +1,6 @@
 """The dedup stage: fingerprints per sample, duplicate verdicts over the whole output.
 
-Per sample (cheap, CPU) the stage writes four fingerprints:
+Per sample (cheap, CPU) the stage writes these fingerprints:
 
 * ``dedup_sha256``: SHA-256 of the image bytes (hex), for byte-identical copies;
 * ``dedup_phash``: a 64-bit perceptual hash (pHash) of the image's luma, for re-encoded, resized and lightly
@@ -16,6 +16,19 @@ Per sample (cheap, CPU) the stage writes four fingerprints:
   lowest-frequency AC coefficients of their top-left 6x6 blocks. The luma hash is blind to hue: a red shape on a
   blue background of the same brightness is, in luma, just the background; the selection step also requires
   the chroma hashes to be close (``max_chroma_hamming``). An image without colour has chroma bits all 0;
+* ``dedup_window_phash`` and ``dedup_window_chroma``: the same two hashes of 16 windows of the image, for crops.
+  A copy cut by up to 10% per side is, at the scale of a 64-bit hash, a zoom into a window of its original: its
+  whole-image pHash is far from the original's (the framing moved), but close to the hash of the original's
+  window at the same box. A pHash tolerates about 1% of misframing per side (within 3 bits), so the windows sit
+  on a grid of cuts of 2.5% and 7.5% per side (``CROP_CUTS``; top, bottom, left, right: 2**4 windows), none
+  more than 2.5% from any crop of up to 10%, and a crop is matched at a looser distance (``crop_hamming``).
+  The windows are resampled from the same decoded image (box-reduced to a shorter side of 64 to 127 pixels) by
+  area averaging, with the DCT folded in: per window axis one 8 x side matrix, so the 16 windows cost a few
+  small matrix products, not 16 resizes;
+* ``dedup_probe_bits``: the 7 bits of the pHash, among its 24 lowest-frequency ones (``KEY_BITS``), whose
+  coefficients lie closest to the threshold: the bits most likely to differ in a copy. The search for crops
+  looks up the whole-image pHash, with every combination of these bits flipped, among the windows' values of
+  the 24 key bits (``pipeline.dedup.crop_pairs``);
 * ``dedup_caption_hash``: a 64-bit BLAKE2b hash of the normalised caption (NFKC, case-folded, words only), for
   the ``image_and_caption`` scope.
 
@@ -25,17 +38,23 @@ matching.
 
 The verdict is not per sample: which member of a duplicate group is kept depends on every completed shard, so
 it is decided at selection time (after a run's shards complete, and by ``vlcurate select``) by
-``pipeline.dedup``, which fills ``dedup_duplicate_of``, ``dedup_match`` and ``dedup_distance``. Until then the
+``pipeline.dedup``, which fills ``dedup_duplicate_of``, ``dedup_match`` and ``dedup_distance`` (and drops the
+samples that duplicate an image of the ``evaluation`` set, fingerprinted then with ``fingerprint``). Until then the
 stage drops nothing (so the model stages still score every member, and the best-scored one can be kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import glob
 import hashlib
+import itertools
 import re
+import tarfile
 import unicodedata
 import warnings
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -50,8 +69,18 @@ HASH_SIDE = 32  # the planes the DCT is taken of are reduced to this side
 LUMA_BLOCK = 8  # the top-left block of luma DCT coefficients the pHash reads (63 AC coefficients)
 CHROMA_BLOCK, CHROMA_BITS = 6, 32  # per chroma plane: the first 32 AC coefficients of the top-left 6x6 block
 DRAFT_SIZE = (128, 128)  # JPEG draft target: the decoder's smallest scale at or above it
+# The windows are resampled from the decoded image box-reduced by an integer factor to a shorter side of 64 to
+# 127 pixels: enough for 32 samples per window, and small enough for the matrix products to stay cheap (and
+# single-threaded in BLAS).
+WINDOW_SOURCE_SIDE = 64
 DEAD_ZONE = 10.0  # in orthonormal DCT units of 0-255 levels: about 0.6 level of amplitude
 SCOPES = ("image", "image_and_caption")
+CROP_CUTS = (0.025, 0.075)  # shares of a side cut off by the windows (each side independently)
+CUT_PAIRS = tuple(itertools.product(CROP_CUTS, repeat=2))  # (first, last) cut along one axis
+WINDOWS = len(CUT_PAIRS) ** 2  # row-major: (top, bottom) pair, then (left, right) pair
+KEY_BLOCK = 5  # the crop search looks up the pHash bits of the top-left 5x5 DCT block (24 bits)
+PROBE_BITS = 7  # ... with every combination of the 7 least certain of them flipped (128 probes)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 
 
 def _dct_basis(size: int, count: int) -> np.ndarray:
@@ -65,6 +94,21 @@ def _dct_basis(size: int, count: int) -> np.ndarray:
 
 _BASIS = _dct_basis(HASH_SIDE, LUMA_BLOCK)
 _BIT_VALUES = np.left_shift(np.uint64(1), np.arange(64, dtype=np.uint64))
+# Positions, in the 63-bit pHash (bit i: AC coefficient i + 1 in row-major order of the 8x8 block), of the
+# coefficients of the top-left KEY_BLOCK x KEY_BLOCK block.
+KEY_POSITIONS = np.array([row * LUMA_BLOCK + col - 1 for row in range(KEY_BLOCK) for col in range(KEY_BLOCK)
+                          if row or col])
+KEY_BITS = int(_BIT_VALUES[KEY_POSITIONS].sum())  # mask of those bits
+
+
+def median(values: np.ndarray) -> np.ndarray:
+    """The median along the last axis (as ``np.median``, with less overhead for these small arrays)."""
+    count = values.shape[-1]
+    middle = count // 2
+    if count % 2:
+        return np.partition(values, middle, axis=-1)[..., middle:middle + 1]
+    halves = np.partition(values, (middle - 1, middle), axis=-1)[..., middle - 1:middle + 1]
+    return (halves[..., :1] + halves[..., 1:]) / 2
 
 
 def plane_bits(plane: np.ndarray, block: int, count: int) -> np.ndarray:
@@ -72,7 +116,7 @@ def plane_bits(plane: np.ndarray, block: int, count: int) -> np.ndarray:
     ``block`` x ``block`` DCT coefficients, above their median plus the dead zone."""
     basis = _BASIS[:block]
     coefficients = (basis @ plane @ basis.T).ravel()[1:count + 1]
-    return coefficients > np.median(coefficients) + DEAD_ZONE
+    return coefficients > median(coefficients) + DEAD_ZONE
 
 
 def _as_int64(bits: np.ndarray) -> int:
@@ -83,15 +127,96 @@ def _as_int64(bits: np.ndarray) -> int:
 def hash_planes(image: Image.Image) -> tuple[int, int]:
     """(luma pHash, chroma hash) of a decoded image of any mode and size: see the module docstring. The image is
     reduced to 32x32 in one pass (a JPEG decoded in draft mode arrives in YCbCr already)."""
-    if image.mode not in ("YCbCr", "RGB"):
-        image = image.convert("RGB")
+    luma, chroma, _ = _whole_image(_hashable(image))
+    return luma, chroma
+
+
+def _hashable(image: Image.Image) -> Image.Image:
+    return image if image.mode in ("YCbCr", "RGB") else image.convert("RGB")
+
+
+def _whole_image(image: Image.Image) -> tuple[int, int, int]:
+    """(luma pHash, chroma hash, probe bits) of a YCbCr or RGB image."""
     # reducing_gap: a fast integer box reduction first, then Lanczos over the last factor of 2 or more
     small = image.resize((HASH_SIDE, HASH_SIDE), Image.Resampling.LANCZOS, reducing_gap=2.0)
     planes = np.asarray(small if small.mode == "YCbCr" else small.convert("YCbCr"), dtype=np.float64)
-    luma = plane_bits(planes[:, :, 0], LUMA_BLOCK, LUMA_BLOCK**2 - 1)
+    luma_plane = planes[:, :, 0]
+    coefficients = (_BASIS @ luma_plane @ _BASIS.T).ravel()[1:LUMA_BLOCK**2]
+    margin = coefficients - (median(coefficients) + DEAD_ZONE)
+    uncertain = KEY_POSITIONS[np.argsort(np.abs(margin[KEY_POSITIONS]), kind="stable")[:PROBE_BITS]]
     chroma = np.concatenate([plane_bits(planes[:, :, 1], CHROMA_BLOCK, CHROMA_BITS),
                              plane_bits(planes[:, :, 2], CHROMA_BLOCK, CHROMA_BITS)])
-    return _as_int64(luma), _as_int64(chroma)
+    return _as_int64(margin > 0), _as_int64(chroma), int(_BIT_VALUES[uncertain].sum())
+
+
+@functools.lru_cache(maxsize=512)
+def window_matrix(length: int) -> np.ndarray:
+    """For an axis of ``length`` pixels: per pair of cuts in ``CUT_PAIRS``, the window's area resampling to
+    ``HASH_SIDE`` samples followed by the first ``LUMA_BLOCK`` DCT rows (a ``LUMA_BLOCK`` x ``length`` block),
+    stacked."""
+    pixels = np.arange(length)[None, :]
+    blocks = []
+    for first, last in CUT_PAIRS:
+        start, stop = first * length, (1 - last) * length
+        edges = start + (stop - start) * np.arange(HASH_SIDE + 1) / HASH_SIDE
+        overlap = np.clip(np.minimum(pixels + 1, edges[1:, None]) - np.maximum(pixels, edges[:-1, None]), 0, None)
+        blocks.append(_BASIS @ (overlap / overlap.sum(axis=1, keepdims=True)))
+    return np.concatenate(blocks)
+
+
+def _block_bits(coefficients: np.ndarray, count: int) -> np.ndarray:
+    """Per row of flattened DCT blocks: the hash of its first ``count`` AC coefficients, as uint64."""
+    values = coefficients[:, 1:count + 1]
+    bits = values > median(values) + DEAD_ZONE
+    return (bits * _BIT_VALUES[:count]).sum(axis=1, dtype=np.uint64)
+
+
+def window_hashes(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(luma pHashes, chroma hashes) of the ``WINDOWS`` windows of an image given as a height x width x 3 YCbCr
+    array, each a uint64 array in window order (see the module docstring)."""
+    rows, cols = window_matrix(planes.shape[0]), window_matrix(planes.shape[1])
+    pairs = len(CUT_PAIRS)
+    blocks = []
+    for plane in range(3):
+        coefficients = rows @ planes[:, :, plane] @ cols.T  # (pairs * 8) x (pairs * 8): every window's block
+        blocks.append(coefficients.reshape(pairs, LUMA_BLOCK, pairs, LUMA_BLOCK).transpose(0, 2, 1, 3))
+    luma = _block_bits(blocks[0].reshape(WINDOWS, LUMA_BLOCK**2), LUMA_BLOCK**2 - 1)
+    cb, cr = (_block_bits(block[:, :, :CHROMA_BLOCK, :CHROMA_BLOCK].reshape(WINDOWS, CHROMA_BLOCK**2), CHROMA_BITS)
+              for block in blocks[1:])
+    return luma, cb | (cr << np.uint64(CHROMA_BITS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Fingerprint:
+    """An image's perceptual fingerprints: see the module docstring. Hashes are signed 64-bit values."""
+
+    phash: int
+    chroma: int
+    probe: int
+    windows: list[int]
+    window_chroma: list[int]
+
+
+def _signed(values: np.ndarray) -> list[int]:
+    return np.ascontiguousarray(values, dtype=np.uint64).view(np.int64).tolist()
+
+
+def fingerprint(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
+    """The perceptual fingerprints of encoded image bytes, JPEGs through a draft decode. Raises ``ImageTooLarge``
+    from the header alone when the image declares more than ``max_pixels`` pixels, and PIL's errors for
+    undecodable bytes."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # palette transparency and the like: only the planes matter
+        with open_bounded(data, max_pixels) as image:
+            if image.format == "JPEG":
+                image.draft("YCbCr", DRAFT_SIZE)
+            image = _hashable(image)
+            luma, chroma, probe = _whole_image(image)
+            factor = min(image.size) // WINDOW_SOURCE_SIDE
+            source = image.reduce(factor) if factor > 1 else image
+            planes = np.asarray(source if source.mode == "YCbCr" else source.convert("YCbCr"), dtype=np.float64)
+    windows, window_chroma = window_hashes(planes)
+    return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma))
 
 
 def perceptual_hashes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -132,30 +257,62 @@ FINGERPRINT_COLUMNS = {
     "dedup_sha256": pa.string(),
     "dedup_phash": pa.int64(),
     "dedup_chroma_hash": pa.int64(),
+    "dedup_probe_bits": pa.int64(),
+    "dedup_window_phash": pa.list_(pa.int64()),
+    "dedup_window_chroma": pa.list_(pa.int64()),
     "dedup_caption_hash": pa.int64(),
     "dedup_error": pa.string(),
 }
 # Filled at selection time, over the whole output (null until then, and for every kept sample).
 VERDICT_COLUMNS = {
-    "dedup_duplicate_of": pa.string(),  # "SHARD_STEM/KEY" of the kept sample this one duplicates
-    "dedup_match": pa.string(),  # "exact" (same bytes) or "near" (hashes within the distances)
-    "dedup_distance": pa.int32(),  # pHash Hamming distance to the kept sample
+    "dedup_duplicate_of": pa.string(),  # "SHARD_STEM/KEY" of the kept sample, or "evaluation/NAME"
+    "dedup_match": pa.string(),  # "exact" (same bytes), "near" (whole-image hashes), "crop" or "evaluation"
+    "dedup_distance": pa.int32(),  # pHash Hamming distance to it (for a crop: to the closest window)
 }
 
 
 @dataclasses.dataclass
 class DedupParams(StageParams):
-    # Near-duplicates: pHash Hamming distance at most this (threshold); -1 keeps only byte-identical matching.
+    # Near-duplicates: pHash Hamming distance at most this (threshold); -1 keeps only byte-identical matching (no
+    # near or crop matching).
     max_hamming: int = 3
     # Near-duplicates must also have chroma hashes at most this many bits apart (threshold); -1: luma alone.
     max_chroma_hamming: int = 6
+    # Crops: one image's pHash within this many bits of one of the other's window hashes (threshold); -1: off.
+    crop_hamming: int = 7
+    # ... and its chroma hash within this many bits of that window's chroma hash (threshold); -1: luma alone.
+    crop_chroma_hamming: int = 10
     # "image": one sample per image whatever its caption; "image_and_caption": only samples whose normalised
     # captions are also equal count as duplicates (threshold).
     scope: str = "image"
     # The kept member of a group is the one with the highest value of this manifest column (when the output has
     # it), then the first by (shard stem, position) (threshold).
     prefer: str = "clip_score"
+    # Evaluation images (a folder, searched recursively, a glob, or WebDataset .tar shards): every sample whose
+    # image is an exact, near or crop duplicate of one of them is dropped (threshold; empty: none).
+    evaluation: str = ""
     max_pixels: int = DEFAULT_MAX_PIXELS  # images whose header declares more are not decoded (no pHash)
+
+
+def evaluation_images(spec: str) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the evaluation images: ``spec`` is a folder (image files under it, recursively), a glob
+    of image files, or .tar shards (their image members, named SHARD/MEMBER), in name order."""
+    if not spec:
+        return []
+    root = Path(spec).expanduser()
+    paths = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else sorted(
+        Path(p) for p in glob.glob(str(root), recursive=True))
+    if not paths:
+        raise ValueError(f"dedup.evaluation: no files match {spec!r}")
+    images = []
+    for path in paths:
+        if path.suffix.lower() == ".tar":
+            with tarfile.open(path) as archive:
+                images += [(f"{path.name}/{member.name}", archive.extractfile(member).read()) for member in archive
+                           if member.isfile() and member.name.lower().endswith(IMAGE_SUFFIXES)]
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            images.append((str(path.relative_to(root)) if root.is_dir() else path.name, path.read_bytes()))
+    return sorted(images)
 
 
 class DedupStage(Stage):
@@ -165,14 +322,17 @@ class DedupStage(Stage):
     Params = DedupParams
     columns = {**FINGERPRINT_COLUMNS, **VERDICT_COLUMNS}
     decided_at_selection = frozenset(VERDICT_COLUMNS)
-    thresholds = frozenset({"max_hamming", "max_chroma_hamming", "scope", "prefer"})
+    thresholds = frozenset({"max_hamming", "max_chroma_hamming", "crop_hamming", "crop_chroma_hamming", "scope",
+                            "prefer", "evaluation"})
 
     def __init__(self, params: DedupParams):
         if not -1 <= params.max_hamming <= 32:
             raise ValueError(f"max_hamming must be between -1 (exact copies only) and 32, got {params.max_hamming}")
-        if not -1 <= params.max_chroma_hamming <= 64:
-            raise ValueError(f"max_chroma_hamming must be between -1 (no colour check) and 64, "
-                             f"got {params.max_chroma_hamming}")
+        if not -1 <= params.crop_hamming <= 32:
+            raise ValueError(f"crop_hamming must be between -1 (no crop matching) and 32, got {params.crop_hamming}")
+        for name in ("max_chroma_hamming", "crop_chroma_hamming"):
+            if not -1 <= getattr(params, name) <= 64:
+                raise ValueError(f"{name} must be between -1 (no colour check) and 64, got {getattr(params, name)}")
         if params.scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {params.scope!r}")
         super().__init__(params)
@@ -182,13 +342,14 @@ class DedupStage(Stage):
         for data, caption in zip(batch.images, batch.captions):
             columns["dedup_sha256"].append(hashlib.sha256(data).hexdigest())
             try:
-                luma, chroma = perceptual_hashes(data, self.params.max_pixels)
-                error = None
+                found, error = fingerprint(data, self.params.max_pixels), None
             except Exception as exc:  # noqa: BLE001 - an unhashable image is this sample's annotation
-                luma = chroma = None
-                error = f"{type(exc).__name__}: {exc}"[:200]
-            columns["dedup_phash"].append(luma)
-            columns["dedup_chroma_hash"].append(chroma)
+                found, error = None, f"{type(exc).__name__}: {exc}"[:200]
+            columns["dedup_phash"].append(None if found is None else found.phash)
+            columns["dedup_chroma_hash"].append(None if found is None else found.chroma)
+            columns["dedup_probe_bits"].append(None if found is None else found.probe)
+            columns["dedup_window_phash"].append(None if found is None else found.windows)
+            columns["dedup_window_chroma"].append(None if found is None else found.window_chroma)
             columns["dedup_error"].append(error)
             columns["dedup_caption_hash"].append(caption_hash(caption))
         for name in VERDICT_COLUMNS:
@@ -202,8 +363,9 @@ class DedupStage(Stage):
 
 class ResolvedDedupStage(DedupStage):
     """The dedup stage once the whole output has been searched: it holds, per input shard, the samples that
-    duplicate a kept one, fills the verdict columns of that shard's manifest and drops those samples
-    (``dedup:exact_duplicate`` or ``dedup:near_duplicate``)."""
+    duplicate a kept one or an evaluation image, fills the verdict columns of that shard's manifest and drops
+    those samples (``dedup:exact_duplicate``, ``dedup:near_duplicate``, ``dedup:crop_duplicate`` or
+    ``dedup:evaluation_duplicate``)."""
 
     def __init__(self, params: DedupParams, duplicates: dict[str, pa.Table]):
         super().__init__(params)

@@ -17,7 +17,7 @@ def vlcurate(*args, cwd=ROOT):
 def test_shipped_recipes_load():
     rules = ["html", "patterns", "charset", "language", "emoji", "length", "image_size", "aspect_ratio"]
     qwen = load_config(ROOT / "configs" / "qwen-vl.yaml")
-    assert [s.name for s in qwen.stages] == rules + ["decode", "clip_score", "capfilt"]
+    assert [s.name for s in qwen.stages] == rules + ["decode", "clip_score", "capfilt", "dedup"]
     by_name = {s.name: s.params for s in qwen.stages}
     assert (by_name["clip_score"].model, by_name["clip_score"].pretrained) == ("ViT-L-14", "openai")
     assert by_name["capfilt"].filter == "Salesforce/blip-itm-large-coco"

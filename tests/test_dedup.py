@@ -15,11 +15,14 @@ from PIL import Image
 
 from conftest import FLICKR, photos_and_captions, require, write_tar
 from pipeline.config import parse_config
-from pipeline.dedup import SAMPLE_SCHEMA, find_duplicates, keepers, near_pairs, preference_order
-from pipeline.run import run_curation, select_thresholds
+from pipeline.cli import main as vlcurate
+from pipeline.dedup import (SAMPLE_SCHEMA, crop_pairs, duplicate_groups, find_duplicates, keepers, near_pairs,
+                            preference_order)
+from pipeline.run import manifests_frame, run_curation, select_thresholds
 from pipeline.synth import DUPLICATE_TYPES, SynthOptions, draw, jpeg_bytes, write_synth
 from stages.base import SampleBatch
-from stages.dedup import DedupParams, DedupStage, caption_hash, hamming, perceptual_hash, perceptual_hashes
+from stages.dedup import (KEY_BITS, WINDOWS, DedupParams, DedupStage, caption_hash, evaluation_images, fingerprint,
+                          hamming, perceptual_hash, perceptual_hashes)
 
 
 def jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -68,6 +71,84 @@ def test_the_chroma_hash_tells_apart_scenes_the_luma_hash_cannot():
     assert hamming(a[0], b[0]) <= 3 and hamming(a[1], b[1]) > 20
 
 
+def cropped(data: bytes, sides: tuple[float, float, float, float]) -> bytes:
+    """The image cut by these shares of its width or height: left, top, right, bottom."""
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    width, height = image.size
+    box = (round(sides[0] * width), round(sides[1] * height), width - round(sides[2] * width),
+           height - round(sides[3] * height))
+    return jpeg(image.crop(box))
+
+
+def closest_window(query: bytes, original: bytes) -> tuple[int, int]:
+    """(pHash bits, chroma bits) from the query's whole-image hashes to the original's closest window."""
+    a, b = fingerprint(query), fingerprint(original)
+    return min((hamming(a.phash, w), hamming(a.chroma, c)) for w, c in zip(b.windows, b.window_chroma))
+
+
+def test_window_hashes_find_crops_of_real_photos_that_the_whole_image_hash_misses():
+    photos, _ = photos_and_captions(sorted(require(FLICKR).glob("*.tar"))[1], limit=40)
+    rng = random.Random(3)
+    whole, windowed = [], []
+    for photo in photos:
+        sides = tuple(rng.uniform(0.0, 0.10) for _ in range(4))
+        copy = cropped(photo, sides)
+        whole.append(hamming(perceptual_hash(copy), perceptual_hash(photo)))
+        luma, chroma = closest_window(copy, photo)
+        windowed.append(luma <= 6 and chroma <= 10)
+    assert sum(d <= 3 for d in whole) <= 4, "a crop moves the whole-image pHash"
+    assert sum(windowed) >= 34, f"only {sum(windowed)} of 40 crops within 6 bits of a window"
+    found = fingerprint(photos[0])
+    assert len(found.windows) == len(found.window_chroma) == WINDOWS
+    assert found == fingerprint(photos[0]) and (found.phash, found.chroma) == perceptual_hashes(photos[0])
+    assert bin(found.probe).count("1") == 7 and found.probe & ~KEY_BITS == 0
+    # A distinct photo is never within the crop distances of another's windows.
+    for other in photos[1:8]:
+        luma, chroma = closest_window(other, photos[0])
+        assert not (luma <= 6 and chroma <= 10)
+
+
+def test_crop_search_finds_exactly_the_probed_pairs_within_the_distances():
+    """Every pair (query, window) within the distances whose key bits differ only where the query's probe bits
+    are set, compared with a brute-force check of all pairs."""
+    rng = np.random.default_rng(7)
+    count, windows_per = 400, 4
+    hashes = rng.integers(0, 2**63, count, dtype=np.int64).view(np.uint64)
+    windows = rng.integers(0, 2**63, (count, windows_per), dtype=np.int64).view(np.uint64)
+    chroma = rng.integers(0, 4, count).astype(np.uint64)
+    window_chroma = rng.integers(0, 4, (count, windows_per)).astype(np.uint64)
+    key_positions = [p for p in range(64) if KEY_BITS >> p & 1]
+    probes = np.array([sum(1 << int(p) for p in rng.choice(key_positions, 7, replace=False)) for _ in range(count)],
+                      dtype=np.uint64)
+    other_positions = [p for p in range(63) if not KEY_BITS >> p & 1]
+    for query in range(200):  # plant windows near queries: flips in probed key bits, outside the key, and a few
+        owner, slot = int(rng.integers(0, count)), int(rng.integers(0, windows_per))  # in unprobed key bits
+        probed_bits = [p for p in key_positions if int(probes[query]) >> p & 1]
+        unprobed_bits = [p for p in key_positions if not int(probes[query]) >> p & 1]
+        flips = list(rng.choice(probed_bits, int(rng.integers(0, 4)), replace=False))
+        flips += list(rng.choice(other_positions, int(rng.integers(0, 5)), replace=False))
+        if query % 5 == 0:
+            flips.append(int(rng.choice(unprobed_bits)))
+        value = int(hashes[query])
+        for bit in flips:
+            value ^= 1 << int(bit)
+        windows[owner, slot] = value
+    for max_distance, max_chroma in ((4, -1), (6, 1), (0, -1)):
+        i, j, d = crop_pairs(hashes.view(np.int64), probes.view(np.int64), windows.view(np.int64), max_distance,
+                             chroma.view(np.int64), window_chroma.view(np.int64), max_chroma, block=97)
+        distance = np.bitwise_count(hashes[:, None, None] ^ windows[None])
+        probed = ((hashes[:, None, None] ^ windows[None]) & np.uint64(KEY_BITS) & ~probes[:, None, None]) == 0
+        within = (distance <= max_distance) & probed
+        if max_chroma >= 0:
+            within &= np.bitwise_count(chroma[:, None, None] ^ window_chroma[None]) <= max_chroma
+        within[np.arange(count), np.arange(count)] = False
+        expected = np.argwhere(within.any(axis=2))
+        assert len(expected) > (20 if max_distance else 2)
+        assert np.array_equal(np.stack([i, j], axis=1), expected)
+        closest = np.where(within, distance, 99).min(axis=2)
+        assert np.array_equal(d, closest[i, j])
+
+
 def png_declaring(width: int, height: int) -> bytes:
     """A 1x1 PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's header)."""
     buffer = io.BytesIO()
@@ -106,6 +187,10 @@ def test_settings_are_checked():
         DedupStage(DedupParams(max_chroma_hamming=-2))
     with pytest.raises(ValueError, match="scope"):
         DedupStage(DedupParams(scope="pixels"))
+    with pytest.raises(ValueError, match="crop_hamming"):
+        DedupStage(DedupParams(crop_hamming=33))
+    with pytest.raises(ValueError, match="crop_chroma_hamming"):
+        DedupStage(DedupParams(crop_chroma_hamming=65))
 
 
 # ------------------------------------------------------------------------------------ the search
@@ -139,7 +224,9 @@ def test_a_sample_is_kept_unless_a_kept_better_one_is_near_it():
 
 
 def samples_frame(rows):
-    return preference_order(pl.DataFrame(rows, schema=SAMPLE_SCHEMA, orient="row"))
+    """Rows of the whole-image columns of ``SAMPLE_SCHEMA`` (no window hashes: no crop matching)."""
+    names = list(SAMPLE_SCHEMA)[: len(rows[0])]
+    return preference_order(pl.DataFrame(rows, schema={n: SAMPLE_SCHEMA[n] for n in names}, orient="row"))
 
 
 def test_the_best_scored_copy_is_kept_then_the_first_shard():
@@ -300,3 +387,95 @@ def test_scope_image_and_caption_needs_equal_captions_too():
             ("a", "A", 2, "z", 2, 15 ^ 1, 7, 100, None)]
     assert find_duplicates(samples_frame(rows), 3).height == 2
     assert find_duplicates(samples_frame(rows), 3, "image_and_caption").rows() == [("A", 2, "a/x", "near", 1)]
+
+
+def test_find_duplicates_names_crops_with_their_closest_window():
+    photos, _ = photos_and_captions(sorted(require(FLICKR).glob("*.tar"))[2], limit=6)
+    images = photos + [cropped(photos[1], (0.06, 0.02, 0.03, 0.08)), cropped(photos[4], (0.03, 0.07, 0.08, 0.02))]
+    table = pa.table({"key": [f"k{i}" for i in range(len(images))], "caption": [""] * len(images),
+                      "image": pa.array(images, pa.binary())})
+    values = DedupStage(DedupParams()).annotate(SampleBatch(table, list(range(len(images)))))
+    frame = preference_order(pl.DataFrame({
+        "stem": ["s"] * len(images), "shard": ["S"] * len(images), "position": list(range(len(images))),
+        "key": [f"k{i}" for i in range(len(images))], "sha": list(range(len(images))),
+        "phash": values["dedup_phash"], "chroma": values["dedup_chroma_hash"], "caption_hash": [None] * len(images),
+        "score": [None] * len(images), "probe": values["dedup_probe_bits"], "windows": values["dedup_window_phash"],
+        "window_chroma": values["dedup_window_chroma"]}, schema=SAMPLE_SCHEMA))
+    found = find_duplicates(frame, 3, max_chroma_hamming=6, crop_hamming=6, crop_chroma_hamming=10)
+    assert found.select("position", "dedup_duplicate_of", "dedup_match").rows() == [(6, "s/k1", "crop"),
+                                                                                 (7, "s/k4", "crop")]
+    assert all(0 <= d <= 6 for d in found["dedup_distance"])
+    assert find_duplicates(frame, 3, max_chroma_hamming=6).height == 0  # the whole-image hash alone misses them
+
+
+@pytest.fixture(scope="module")
+def evaluation_folder(tmp_path_factory):
+    """A PNG of picture 1 (another encoding of a/k1 and b/k0) and a crop of picture 3 (b/k2 and b/k3)."""
+    folder = tmp_path_factory.mktemp("evaluation")
+    (folder / "sub").mkdir()
+    picture(1).save(folder / "one.png")
+    (folder / "sub" / "three.jpg").write_bytes(cropped(jpeg(picture(3)), (0.04, 0.06, 0.02, 0.05)))
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_evaluation_images_are_read_from_a_folder_or_a_glob(evaluation_folder):
+    assert [name for name, _ in evaluation_images(str(evaluation_folder))] == ["one.png", "sub/three.jpg"]
+    assert [name for name, _ in evaluation_images(f"{evaluation_folder}/*.png")] == ["one.png"]
+    assert evaluation_images("") == []
+    with pytest.raises(ValueError, match="no files"):
+        evaluation_images(str(evaluation_folder / "missing" / "*.jpg"))
+
+
+def test_samples_that_duplicate_evaluation_images_are_dropped(ray_cluster, two_shards, evaluation_folder, tmp_path,
+                                                              capsys):
+    out = tmp_path / "out"
+    run_curation(dedup_config(f"dedup.evaluation={evaluation_folder}"), list(two_shards), str(out), progress=False)
+    found = verdicts(out)
+    assert found == {
+        ("a.tar", "k0"): (None, None), ("a.tar", "k1"): ("dedup:evaluation_duplicate", "evaluation/one.png"),
+        ("a.tar", "k2"): (None, None),
+        ("b.tar", "k0"): ("dedup:evaluation_duplicate", "evaluation/one.png"),
+        ("b.tar", "k1"): ("dedup:near_duplicate", "a/k2"),
+        ("b.tar", "k2"): ("dedup:evaluation_duplicate", "evaluation/sub/three.jpg"),
+        ("b.tar", "k3"): ("dedup:evaluation_duplicate", "evaluation/sub/three.jpg"),
+    }
+    assert members(out, "b") == []
+    groups = duplicate_groups(manifests_frame(str(out)))
+    assert groups["groups"] == 1 and groups["group_sizes"] == {"2": 1}
+    assert groups["evaluation_duplicates"] == 4 and groups["evaluation_images_matched"] == 2
+
+    # Without evaluation images (select re-applies it from the manifests): the same as a fresh run without them.
+    select_thresholds(str(out), ["dedup.evaluation="])
+    run_curation(dedup_config(), list(two_shards), str(tmp_path / "plain"), progress=False)
+    assert_same_outputs(out, tmp_path / "plain")
+
+
+def test_stats_explain_and_report_show_duplicate_groups(ray_cluster, two_shards, tmp_path, capsys):
+    from pipeline.report import write_report
+
+    out = str(tmp_path / "out")
+    run_curation(dedup_config(), list(two_shards), out, progress=False)
+    capsys.readouterr()
+    assert vlcurate(["stats", out]) == 0
+    printed = capsys.readouterr().out
+    assert "duplicate groups: 3 (a kept sample and 3 duplicates: exact 2, near 1)" in printed
+    assert vlcurate(["stats", out, "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["duplicate_groups"]
+    assert groups["group_sizes"] == {"2": 3} and groups["by_match"] == {"exact": 2, "near": 1}
+
+    assert vlcurate(["explain", out, "k3"]) == 0  # only b has a k3: an exact copy of b/k2
+    lines = capsys.readouterr().out.splitlines()
+    assert "DROPPED (dedup:exact_duplicate)" in next(line for line in lines if line.startswith("verdict:"))
+    dedup_line = next(line for line in lines if line.strip().startswith("dedup "))
+    assert "dedup:exact_duplicate" in dedup_line and "dedup_duplicate_of='b/k2'" in dedup_line
+    assert "[16 values]" in dedup_line
+    assert vlcurate(["explain", out, "k2"]) == 0  # a/k2 is kept, b/k2 keeps its copy b/k3
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("dedup ")]
+    assert len(lines) == 2 and all(line.split()[1] == "pass" for line in lines)
+
+    page = write_report(out).read_text()
+    section = page[page.index("Duplicate groups"):]
+    assert section.count("<h3>") == 3 and "a/k1 (2 samples)" in section
+    assert section.count('class="thumb"') == 6  # each group: its kept sample and its duplicate
+    assert "k1: near" in section
