@@ -1,7 +1,12 @@
+import dataclasses
 import io
+import json
 import os
+import signal
+import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,67 @@ def photos_and_captions(shard: Path, limit: int | None = None) -> tuple[list[byt
             if limit is not None and len(captions) == limit and len(photos) == limit:
                 break
     return photos, captions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: one CLIP run shared by the trainer tests (tests/test_trainers.py) and the quiet-output test
+# (tests/test_quiet_run.py).
+
+TRAIN_RECIPES = ROOT / "configs"
+
+
+def train_recipe(task: str) -> Path:
+    return TRAIN_RECIPES / f"train-{task}-tiny.yaml"
+
+
+def train_settings(task: str) -> dict:
+    """The ``train:`` section of a tiny training recipe."""
+    import yaml
+
+    return yaml.safe_load(train_recipe(task).read_text())["train"]
+
+
+def training_metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def training_pairs(tmp_path_factory):
+    """2000 clean synthetic pairs in 5 shards; the last shard is held out for evaluation by the recipes."""
+    from pipeline.synth import SynthOptions, write_synth
+
+    folder = tmp_path_factory.mktemp("synth")
+    write_synth(folder, SynthOptions(samples=2000, seed=1, size=64, shard_size=400, chinese=0.0))
+    return folder
+
+
+@dataclasses.dataclass
+class KilledAndResumed:
+    folder: Path
+    steps_before_kill: list[int]  # the steps the killed run logged
+    resumed: subprocess.CompletedProcess  # the command that resumed it, with its output
+
+
+@pytest.fixture(scope="session")
+def clip_training(ray_cluster, training_pairs, tmp_path_factory):
+    """The CLIP recipe run by ``vlcurate train`` (on this session's Ray), its process killed (SIGKILL) once Ray
+    Train has registered the first checkpoint, then the same command again, which resumes from it."""
+    import ray
+
+    out = tmp_path_factory.mktemp("train-clip")
+    command = [sys.executable, "-m", "pipeline.cli", "train", "clip", str(train_recipe("clip")),
+               "--data", str(training_pairs), "--output", str(out)]
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    snapshot = out / "ray_train" / "clip" / "checkpoint_manager_snapshot.json"  # Ray Train's durable registry
+    deadline = time.time() + 300
+    while time.time() < deadline and driver.poll() is None:
+        if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            break
+        time.sleep(0.1)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    before = [m["step"] for m in training_metrics(out) if "loss" in m] if (out / "metrics.jsonl").exists() else []
+    time.sleep(3)  # the cluster notices the dead driver and stops its training
+    resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return KilledAndResumed(out, before, resumed)

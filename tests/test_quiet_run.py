@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import FLICKR, ROOT, flickr_members, require, write_tar
+from conftest import FLICKR, ROOT, flickr_members, require, train_settings, training_metrics, write_tar
 
 from pipeline.quiet import RAY_LINE, _write_kept
 
@@ -90,14 +90,12 @@ def test_filtered_stderr_reaches_the_terminal_in_order(tmp_path):
 
 
 @pytest.mark.slow
-def test_training_prints_each_step_once_and_no_ray_internals(tmp_path):
-    from pipeline.synth import SynthOptions, write_synth
-
-    data = tmp_path / "synth"
-    write_synth(data, SynthOptions(samples=400, seed=3, size=32, shard_size=200, chinese=0.0))
-    result = vlcurate("train", "clip", ROOT / "configs" / "train-clip-tiny.yaml", "--data", data,
-                      "--output", tmp_path / "train", "--set", "train.max_steps=20", "train.batch_size=32",
-                      "train.log_every=5", "train.checkpoint_every=10")
+def test_training_prints_each_step_once_and_no_ray_internals(clip_training):
+    """``vlcurate train`` resuming a killed run (conftest.py): from the checkpoint it resumed at, one line per
+    step logged, none of the killed run's steps again, and nothing of Ray's."""
+    result, train = clip_training.resumed, train_settings("clip")
     assert_quiet(result)
-    steps = [line for line in result.stdout.splitlines() if line.startswith("[clip] step ")]
-    assert [line.split()[2] for line in steps] == ["5/20", "10/20", "15/20", "20/20"], result.stdout
+    resumed_at = next(m["step"] for m in training_metrics(clip_training.folder) if m.get("event") == "resumed")
+    steps = [line.split()[2] for line in result.stdout.splitlines() if line.startswith("[clip] step ")]
+    expected = range(resumed_at, train["max_steps"] + 1, train["log_every"])
+    assert steps == [f"{step}/{train['max_steps']}" for step in expected], result.stdout

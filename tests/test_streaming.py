@@ -8,7 +8,7 @@ import tarfile
 import polars as pl
 import pytest
 
-from conftest import FLICKR, ROOT, require, write_tar
+from conftest import FLICKR, ROOT, flickr_members, require, write_tar
 from pipeline.config import load_config, parse_config
 from pipeline.outputs import tar_fragment, tar_member, tar_trailer
 from pipeline.run import run_curation
@@ -38,8 +38,13 @@ def test_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tmp_pat
     assert results[7][0]["flickr8k-00001.tar"]  # something was kept and compared
 
 
+MODEL_RECIPE_SAMPLES = 60  # the model stages cost most per sample: a shard of the first samples of a real one
+
+
 def test_model_recipe_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tiny_models, tmp_path):
-    shard = require(FLICKR / "flickr8k-00002.tar")
+    (tmp_path / "in").mkdir()
+    shard = write_tar(tmp_path / "in" / "flickr8k-00002.tar",
+                      flickr_members(require(FLICKR / "flickr8k-00002.tar"), MODEL_RECIPE_SAMPLES))
     raw = {"stages": [
         {"stage": "html"}, {"stage": "image_size", "min_side": 100}, {"stage": "decode", "size": 32},
         {"stage": "clip_score", "model": tiny_models["clip_name"], "pretrained": tiny_models["clip"]["checkpoint"],
@@ -60,7 +65,7 @@ def test_model_recipe_outputs_are_byte_identical_whatever_the_batch_size(ray_clu
         assert timing["capfilt"]["samples"] > 0 and timing["decode"]["samples"] == timing["capfilt"]["samples"]
     assert results[7] == results[10_000]
     manifest = pl.read_parquet(tmp_path / "out-7" / "manifests" / "flickr8k-00002.parquet")
-    assert manifest["position"].to_list() == list(range(250))
+    assert manifest["position"].to_list() == list(range(MODEL_RECIPE_SAMPLES))
     assert manifest["capfilt_synthetic"].drop_nulls().len() > 0
 
 
