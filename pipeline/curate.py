@@ -10,10 +10,13 @@ from __future__ import annotations
 import traceback
 from typing import Iterable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from stages import SampleBatch, Stage
+from stages.base import error_text
 
 READ_STAGE = "read"
 
@@ -35,18 +38,19 @@ def annotate_batch(table: pa.Table, stage: Stage, earlier: list[Stage]) -> tuple
     every earlier stage. A sample on which the stage raises gets ``error_stage``/``error_message`` and is
     dropped with reason ``<stage>:error``; the other samples of the shard are unaffected.
     """
-    readable = table.column("read_error").is_null().to_pylist()
+    readable = table.column("read_error").is_null()
     if stage.only_survivors:
         reasons = verdicts(table, earlier)
+        readable = readable.to_pylist()
         targets = [i for i, ok in enumerate(readable) if ok and reasons[i] is None]
     else:
-        errored = (table.column("error_stage").is_valid().to_pylist() if "error_stage" in table.column_names
-                   else [False] * table.num_rows)
-        targets = [i for i, (ok, failed) in enumerate(zip(readable, errored)) if ok and not failed]
+        if "error_stage" in table.column_names:
+            readable = pc.and_(readable, table.column("error_stage").is_null())
+        targets = np.flatnonzero(readable.to_numpy()).tolist()
     values, failures = _annotate_isolating_failures(stage, table, targets)
 
     n = table.num_rows
-    every_row = values["index"] == list(range(n))
+    every_row = len(values["index"]) == n  # (indices are distinct and in order)
     for name, dtype in {**stage.columns, **stage.transient_columns}.items():
         if every_row:
             column = values[name]
@@ -98,7 +102,7 @@ def _annotate_isolating_failures(
         try:
             result = stage.annotate(batch_of([i]))
         except Exception as exc:  # noqa: BLE001 - recorded per sample
-            failures[i] = f"{type(exc).__name__}: {exc}"[:500] or traceback.format_exc(limit=1)
+            failures[i] = error_text(exc, 500) or traceback.format_exc(limit=1)
             continue
         check_contract(stage, result, expected, 1)
         merged["index"].append(i)
@@ -178,18 +182,48 @@ def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] 
     return results
 
 
+_DROP_REASONS: dict[tuple, pl.Expr] = {}
+
+
+def _drop_reason_expr(stages: list[Stage]) -> pl.Expr:
+    """``drop_reason_expr``, built once per list of stages and their settings: a worker judges every batch with
+    the same stages, and building the expression costs more than evaluating it on a batch."""
+    key = tuple((stage, repr(stage.params)) for stage in stages)  # (stages hash by identity, and are kept alive)
+    if key not in _DROP_REASONS:
+        if len(_DROP_REASONS) >= 8:
+            _DROP_REASONS.clear()
+        _DROP_REASONS[key] = drop_reason_expr(stages)
+    return _DROP_REASONS[key]
+
+
 def apply_verdicts(table: pa.Table, stages: list[Stage]) -> pa.Table:
     """Set ``drop_reason``, ``kept`` and ``output_captions`` from the annotations and the stages' thresholds;
     first the columns that stages decided over the whole output (``Stage.selection_columns``), if any."""
     for stage in stages:
         for name, values in stage.selection_columns(table).items():
             table = _set_column(table, name, values)
+    deciders = any(type(s).output_captions is not Stage.output_captions for s in stages)
     frame = verdict_frame(table)
-    reasons = frame.select(drop_reason_expr(stages)).to_series()
-    table = _set_column(table, "drop_reason", reasons.to_arrow().cast(pa.string()))
-    table = _set_column(table, "kept", pa.array(reasons.is_null().to_list(), pa.bool_()))
-    captions = output_captions(frame.with_columns(reasons), stages)
-    return _set_column(table, "output_captions", pa.array(captions, pa.list_(pa.string())))
+    reasons = frame.select(_drop_reason_expr(stages)).to_series()
+    drop_reason = reasons.to_arrow().cast(pa.string())
+    kept = pc.is_null(drop_reason)
+    table = _set_column(table, "drop_reason", drop_reason)
+    table = _set_column(table, "kept", kept)
+    if deciders:
+        captions = pa.array(output_captions(frame.with_columns(reasons), stages), pa.list_(pa.string()))
+    else:
+        captions = kept_captions(table.column("caption"), kept)
+    return _set_column(table, "output_captions", captions)
+
+
+def kept_captions(caption: pa.ChunkedArray | pa.Array, kept: pa.Array) -> pa.ListArray:
+    """``[caption]`` for every kept sample, null for the others: ``output_captions`` without a caption policy."""
+    if isinstance(caption, pa.ChunkedArray):
+        caption = caption.combine_chunks()
+    kept_values = kept.to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(kept) + 1, dtype=np.int32)
+    np.cumsum(kept_values, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), caption.filter(kept), mask=pc.invert(kept))
 
 
 def verdict_columns(stages: list[Stage]) -> tuple[str, ...]:

@@ -233,17 +233,26 @@ _FIXED_SUM = sum(_MODE_OWNER) + sum(_MTIME) + 8 * 32 + sum(_AFTER_CHECKSUM)  # c
 
 def tar_member(name: str, data: bytes) -> bytes:
     """One regular-file member (header, data, padding) with fixed owner, mode and mtime: same input, same bytes."""
+    return b"".join(tar_member_pieces(name, data))
+
+
+def tar_member_pieces(name: str, data: bytes | memoryview) -> tuple[bytes, bytes | memoryview, bytes]:
+    """``tar_member`` as its header, data and padding, to join many members without copying each one first."""
+    size = len(data)
     encoded = name.encode("utf-8", "surrogateescape")
-    if len(encoded) > 100 or not name.isascii() or len(data) >= 8**11:
+    if len(encoded) > 100 or not name.isascii() or size >= 8**11:
         info = tarfile.TarInfo(name)
-        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        info.size, info.mode, info.mtime = size, 0o644, 0
         header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     else:
-        size = b"%011o\x00" % len(data)
-        checksum = _FIXED_SUM + byte_sum(encoded) + byte_sum(size)
-        header = (encoded + b"\0" * (100 - len(encoded)) + _MODE_OWNER + size + _MTIME
+        size_field = b"%011o\x00" % size
+        checksum = _FIXED_SUM + byte_sum(encoded) + byte_sum(size_field)
+        header = (encoded + b"\0" * (100 - len(encoded)) + _MODE_OWNER + size_field + _MTIME
                   + b"%06o\x00 " % checksum + _AFTER_CHECKSUM)
-    return header + data + b"\0" * (-len(data) % _TAR_BLOCK)
+    return header, data, _PADDING[-size % _TAR_BLOCK]
+
+
+_PADDING = [b"\0" * n for n in range(_TAR_BLOCK)]
 
 
 def tar_trailer(fragment_bytes: int) -> bytes:
@@ -256,18 +265,37 @@ def tar_fragment(table: pa.Table, source: str) -> bytes:
     """The kept samples of a run of samples as tar members: image bytes unchanged, the output caption, the
     input metadata plus results. When a caption policy added extra pairs (CapFilt's ``extra_pairs``), each
     becomes a sample of its own, ``KEY_pairN``, with the same image bytes."""
+    from pipeline.shards import binary_views
+
     extra = annotation_columns(table)
-    chunks = []
-    for row in table.filter(table.column("kept")).to_pylist():
-        results = {"source_shard": source, "caption_original": row["caption_original"]}
-        results.update({name: row[name] for name in extra if row[name] is not None})
-        captions = row.get("output_captions") or [row["caption"]]
+    # Column by column, with the image bytes as views of the Arrow buffers: a row dict per sample, holding a copy
+    # of its image, costs more than the rest of the fragment.
+    fixed = ["key", "caption_original", "caption", "image_ext", "metadata_json"]
+    if "output_captions" in table.column_names:
+        fixed.append("output_captions")
+    kept = table.column("kept")
+    if not pc.any(kept).as_py():
+        return b""
+    columns = table.select([*fixed, *extra]).filter(kept).to_pydict()
+    every_image = binary_views(table.column("image"))
+    images = [every_image[i] for i in pc.indices_nonzero(kept).to_pylist()]
+    extra_values = [columns[name] for name in extra]
+    output_captions = columns.get("output_captions")
+    originals, cleaned, extensions, metadata = (columns["caption_original"], columns["caption"],
+                                                columns["image_ext"], columns["metadata_json"])
+    chunks: list = []
+    for i, key in enumerate(columns["key"]):
+        results = {"source_shard": source, "caption_original": originals[i]}
+        for name, values in zip(extra, extra_values):
+            if values[i] is not None:
+                results[name] = values[i]
+        captions = (output_captions[i] if output_captions is not None else None) or [cleaned[i]]
         for index, caption in enumerate(captions):
-            key = row["key"] if index == 0 else f"{row['key']}_pair{index}"
-            pair_results = results if index == 0 else {**results, "pair_of": row["key"]}
-            chunks.append(tar_member(f"{key}.{row['image_ext']}", row["image"]))
-            chunks.append(tar_member(f"{key}.txt", caption.encode("utf-8")))
-            chunks.append(tar_member(f"{key}.json", sample_json(row["metadata_json"], pair_results)))
+            member = key if index == 0 else f"{key}_pair{index}"
+            pair_results = results if index == 0 else {**results, "pair_of": key}
+            chunks += tar_member_pieces(f"{member}.{extensions[i]}", images[i])
+            chunks += tar_member_pieces(f"{member}.txt", caption.encode("utf-8"))
+            chunks += tar_member_pieces(f"{member}.json", sample_json(metadata[i], pair_results))
     return b"".join(chunks)
 
 

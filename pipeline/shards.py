@@ -27,6 +27,7 @@ from typing import BinaryIO, Iterator
 
 import braceexpand
 import fsspec
+import numpy as np
 import pyarrow as pa
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -363,8 +364,13 @@ def _batches(stream: _TarStream, params: ReadParams) -> Iterator[pa.Table]:
     batch_bytes = 0
     position = 0
     current: _Sample | None = None
+    limits = {_CAPTION: params.max_caption_bytes, _JSON: params.max_json_bytes}
     for name, size, _ in stream.members():
-        key, suffix = split_member_name(name)
+        if "/" in name:
+            key, suffix = split_member_name(name)
+        else:  # (split_member_name without a folder)
+            key, dot, suffix = name.partition(".")
+            suffix = suffix.lower() if dot else ""
         if current is None or key != current.key:
             if key in seen:
                 raise ShardError(
@@ -381,8 +387,7 @@ def _batches(stream: _TarStream, params: ReadParams) -> Iterator[pa.Table]:
         if suffix not in _USED or suffix in current.files:
             stream.skip_data(size)  # unused suffixes (and repeated ones) are never read into memory
             continue
-        limit = {_CAPTION: params.max_caption_bytes, _JSON: params.max_json_bytes}.get(suffix, params.max_image_bytes)
-        if size > limit:
+        if size > limits.get(suffix, params.max_image_bytes):
             if suffix == _CAPTION:  # keep the beginning for the manifest
                 current.files[suffix] = stream.read_prefix(size, 4 * ORIGINAL_CAPTION_KEEP)
                 current.error = current.error or "caption_too_large"
@@ -399,17 +404,46 @@ def _batches(stream: _TarStream, params: ReadParams) -> Iterator[pa.Table]:
 
 
 def _to_table(batch: list[_Sample], first_position: int, params: ReadParams) -> pa.Table:
-    columns: dict[str, list] = {name: [] for name in SAMPLE_SCHEMA.names}
-    for offset, sample in enumerate(batch):
-        for name, value in _sample_values(sample, params).items():
-            columns[name].append(value)
-        columns["position"].append(first_position + offset)
-    return pa.Table.from_pydict(columns, schema=SAMPLE_SCHEMA)
+    """The batch's samples as a table, built column by column."""
+    rows = [_sample_values(sample, params) for sample in batch]
+    keys, images, image_exts, metadata, originals, captions, errors = (
+        [row[i] for row in rows] for i in range(7))
+    positions = np.arange(first_position, first_position + len(batch), dtype=np.int64)  # (int32 checked below)
+    columns = [keys, positions, _binary_array(images), image_exts, metadata, originals, captions, errors]
+    return pa.Table.from_arrays([pa.array(values, type=field.type) for values, field in zip(columns, SAMPLE_SCHEMA)],
+                                schema=SAMPLE_SCHEMA)
 
 
-def _sample_values(sample: _Sample, params: ReadParams) -> dict:
-    """One sample's row. Its ``read_error``, first applicable: unsafe_key, missing_image, missing_caption, a
-    member over its limit (image/caption/json_too_large), caption_not_utf8 or empty_caption, bad_json."""
+def _binary_array(values: list[bytes | None]) -> pa.Array:
+    """A large_binary array of ``values``: the bytes joined once into its data buffer (the builder behind
+    ``pa.array`` copies them again as its buffer grows)."""
+    if None in values or not values:
+        return pa.array(values, type=pa.large_binary())
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum([len(value) for value in values], out=offsets[1:])
+    data = pa.py_buffer(b"".join(values))
+    return pa.Array.from_buffers(pa.large_binary(), len(values), [None, pa.py_buffer(offsets), data])
+
+
+def binary_views(column: pa.ChunkedArray | pa.Array) -> list:
+    """The values of a large_binary column as memoryviews of its Arrow buffers, without copying them (None for
+    nulls)."""
+    views: list = []
+    for chunk in column.chunks if isinstance(column, pa.ChunkedArray) else [column]:
+        if chunk.null_count or not pa.types.is_large_binary(chunk.type) or not len(chunk):
+            views += chunk.to_pylist()
+            continue
+        _, offsets, data = chunk.buffers()
+        bounds = np.frombuffer(offsets, dtype=np.int64)[chunk.offset:chunk.offset + len(chunk) + 1].tolist()
+        values = memoryview(data).cast("B") if data is not None else memoryview(b"")  # (Arrow exports signed chars)
+        views += [values[start:end] for start, end in zip(bounds, bounds[1:])]
+    return views
+
+
+def _sample_values(sample: _Sample, params: ReadParams) -> tuple:
+    """One sample's row, in ``SAMPLE_SCHEMA`` order without ``position``. Its ``read_error``, first applicable:
+    unsafe_key, missing_image, missing_caption, a member over its limit (image/caption/json_too_large),
+    caption_not_utf8 or empty_caption, bad_json."""
     files = sample.files
     image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in files), None)
     caption_bytes = files.get(_CAPTION)
@@ -435,15 +469,15 @@ def _sample_values(sample: _Sample, params: ReadParams) -> dict:
     )
     if caption_original is not None and len(caption_original) > ORIGINAL_CAPTION_KEEP and error:
         caption_original = caption_original[:ORIGINAL_CAPTION_KEEP] + "…"
-    return {
-        "key": _manifest_key(sample.key) if sample.error == "unsafe_key" else sample.key,
-        "image": files[image_ext] if image_ext else None,
-        "image_ext": image_ext,
-        "metadata_json": metadata_text,
-        "caption_original": caption_original,
-        "caption": caption_original if error is None else None,
-        "read_error": error,
-    }
+    return (
+        _manifest_key(sample.key) if sample.error == "unsafe_key" else sample.key,
+        files[image_ext] if image_ext else None,
+        image_ext,
+        metadata_text,
+        caption_original,
+        caption_original if error is None else None,
+        error,
+    )
 
 
 def _manifest_key(key: str) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, ClassVar
 
 import polars as pl
@@ -133,3 +134,12 @@ def first_reason(*cases: tuple[pl.Expr, str]) -> pl.Expr:
     for condition, reason in cases:
         expr = expr.when(condition).then(pl.lit(reason))
     return expr.otherwise(pl.lit(None, dtype=pl.String))
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]{0,200} at 0x[0-9a-fA-F]+>")
+
+
+def error_text(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` for a manifest column, without the memory addresses of object reprs (PIL names the
+    BytesIO it could not read): the same sample gets the same text on every run."""
+    return _OBJECT_REPR.sub("<object>", f"{type(exc).__name__}: {exc}")[:limit]

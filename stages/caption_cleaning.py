@@ -8,18 +8,20 @@ quadratic in the nesting depth and in the attributes of a tag, only sees caption
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import html
+import itertools
 import re
-from typing import Callable
+from typing import Callable, Iterable
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from selectolax.lexbor import LexborHTMLParser
 
 from stages.base import SampleBatch, Stage, StageParams, first_reason
 
-_WHITESPACE = re.compile(r"\s+")
 _LOOKS_LIKE_TAG = re.compile(r"<\s*/?\s*[a-zA-Z!][^<>]*>")
 # What an HTML parser reads as the start of a tag, closed or not ("<img src=x onerror=..." at the end of a caption).
 _TAG_OPEN = re.compile(r"<[a-zA-Z!/?]")
@@ -35,7 +37,8 @@ _LONG_TAG = re.compile(r"<[a-zA-Z!/?][^<>]{%d}" % MAX_TAG_CHARS)
 
 
 def normalise_whitespace(text: str) -> str:
-    return _WHITESPACE.sub(" ", text).strip()
+    """Runs of whitespace as one space, none at either end (``str.split`` splits where ``\\s`` matches)."""
+    return " ".join(text.split())
 
 
 def unescape(text: str) -> str:
@@ -73,6 +76,8 @@ class HtmlStage(Stage):
 
     def clean(self, text: str) -> tuple[str, bool]:
         """The cleaned caption, and whether markup is left in it that the bounded cleaning could not remove."""
+        if "<" not in text and "&" not in text:  # no tag, no character reference: nothing to do but spaces
+            return normalise_whitespace(text), False
         rounds = self.params.max_unescape_rounds
         # Escaped HTML ("&lt;i&gt;") turns into tags once unescaped, and the text of raw-text elements
         # (<textarea>, <xmp>, ...) is markup again: strip and unescape in turn until nothing changes, stripping
@@ -143,7 +148,6 @@ PATTERN_RULES: dict[str, tuple[str, str | Callable[[re.Match], str]]] = {
 _CAN_MATCH: dict[str, Callable[[str], bool]] = {
     "control_chars": lambda text: not (text.isascii() and text.isprintable()),
     "zero_width": lambda text: not text.isascii(),
-    "url": lambda text: "://" in text or any(w in text for w in ("ww", "WW", "Ww", "wW")),
     "email": lambda text: "@" in text,
     "handle": lambda text: "@" in text,
     "hashtag": lambda text: "#" in text,
@@ -153,6 +157,86 @@ _CAN_MATCH: dict[str, Callable[[str], bool]] = {
 
 def _always(text: str) -> bool:
     return True
+
+
+# What Python's ``re`` matches case-insensitively to an ASCII letter, beyond what ``str.lower`` maps to it: dotted and
+# dotless I, long s, the Kelvin sign. With these mapped first, ``lower`` maps every character to one character, so
+# positions in the folded text are positions in the text.
+_ASCII_FOLD = {0x130: "i", 0x131: "i", 0x17F: "s", 0x212A: "k"}
+_FOLDED_SPECIALLY = "".join(map(chr, _ASCII_FOLD))
+
+
+def fold_ascii_case(text: str) -> str:
+    """``text`` with every character that ``re.IGNORECASE`` matches to an ASCII letter turned into that letter in
+    lower case; as long as ``text``, character for character."""
+    if not text.isascii() and any(ch in text for ch in _FOLDED_SPECIALLY):
+        text = text.translate(_ASCII_FOLD)
+    return text.lower()
+
+
+class _Joined:
+    """A batch of captions as one string, ``\n`` between them: one scan finds the captions a rule might change."""
+
+    def __init__(self, texts: list[str]):
+        self.text = "\n".join(texts)
+        self.starts = list(itertools.accumulate((len(text) + 1 for text in texts[:-1]), initial=0)) if texts else []
+
+    def owners(self, positions: Iterable[int]) -> set[int]:
+        """The captions that hold these positions of the joined text."""
+        return {bisect.bisect_right(self.starts, p) - 1 for p in positions}
+
+    def containing(self, needles: Iterable[str], folded: bool = False) -> set[int]:
+        """The captions that contain one of ``needles`` (after ``fold_ascii_case`` when ``folded``)."""
+        text = fold_ascii_case(self.text) if folded else self.text
+        found = []
+        for needle in needles:
+            at = text.find(needle)
+            while at >= 0:
+                found.append(at)
+                at = text.find(needle, at + 1)
+        return self.owners(found)
+
+    def code_points(self) -> np.ndarray:
+        return np.frombuffer(self.text.encode("utf-32-le", "surrogatepass"), dtype="<u4")
+
+
+# Extensions of the "filename" rule, and runs of digits of its camera-name alternative: a caption without either
+# cannot match it.
+_FILE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".heic", ".raw", ".cr2", ".nef",
+                    ".mp4", ".mov", ".avi", ".pdf")
+_THREE_DIGITS = re.compile(r"\d{3}")
+_REPEATABLE_PUNCTUATION = np.array([ord(ch) for ch in "!?,;:~*=_#+|\\-"], dtype="<u4")
+
+
+def _filename_candidates(joined: _Joined) -> set[int]:
+    return (joined.containing(_FILE_EXTENSIONS, folded=True)
+            | joined.owners(m.start() for m in _THREE_DIGITS.finditer(joined.text)))
+
+
+def _repeated_punctuation_candidates(joined: _Joined) -> set[int]:
+    """Captions with a character of the rule's set twice in a row."""
+    points = joined.code_points()
+    pairs = (points[1:] == points[:-1]) & np.isin(points[:-1], _REPEATABLE_PUNCTUATION)
+    return joined.owners(np.flatnonzero(pairs).tolist())
+
+
+def _repeated_letters_candidates(joined: _Joined) -> set[int]:
+    """Captions with a character four times in a row."""
+    points = joined.code_points()
+    same = points[1:] == points[:-1]
+    runs = same[:-2] & same[1:-1] & same[2:]
+    return joined.owners(np.flatnonzero(runs).tolist())
+
+
+# Per rule, a superset of the captions of a batch that the rule can change, found in one pass over the batch:
+# most captions match none of these rules, and a regex scan per caption and rule costs more than the rest of the
+# stage. Rules not listed here use their ``_CAN_MATCH`` test.
+_BATCH_CANDIDATES: dict[str, Callable[[_Joined], set[int]]] = {
+    "url": lambda joined: joined.containing(("://", "www."), folded=True),
+    "filename": _filename_candidates,
+    "repeated_punctuation": _repeated_punctuation_candidates,
+    "repeated_letters": _repeated_letters_candidates,
+}
 
 
 DEFAULT_BOILERPLATE = [
@@ -199,28 +283,48 @@ class PatternsStage(Stage):
             for name in PATTERN_RULES
             if params.rules.get(name, False)
         ]
+        # By position in ``compiled``: a user's extra rule may share a built-in rule's name.
+        self.batch_candidates: dict[int, Callable[[_Joined], set[int]]] = {
+            i: _BATCH_CANDIDATES[rule[0]] for i, rule in enumerate(self.compiled) if rule[0] in _BATCH_CANDIDATES
+        }
         if params.boilerplate:
             phrases = sorted((re.escape(p) for p in params.boilerplate), key=len, reverse=True)
             # Remove the phrase together with a separator that attaches it ("Red car - Stock Photo"); the
             # separator's leading spaces are only tried from the start of a run of spaces (linear time).
             pattern = r"(?i)(?:(?<!\s)\s*[|:\-–—]\s*)?\b(?:" + "|".join(phrases) + r")(?!\w)"
             self.compiled.append(("boilerplate", re.compile(pattern), " ", _always))
+            if all(phrase.isascii() for phrase in params.boilerplate):
+                # Every match holds one of the phrases, in any case.
+                needles = sorted({phrase.lower() for phrase in params.boilerplate})
+                self.batch_candidates[len(self.compiled) - 1] = lambda joined: joined.containing(needles, folded=True)
         for name, regex in params.extra.items():
             self.compiled.append((name, re.compile(regex), " ", _always))
 
     def clean(self, text: str) -> tuple[str, list[str]]:
-        hits = []
-        for name, pattern, replacement, can_match in self.compiled:
-            if not can_match(text):
-                continue
-            text, n = pattern.subn(replacement, text)
-            if n:
-                hits.append(name)
-        text = normalise_whitespace(text)
-        if hits:
-            text = _EDGE_SEPARATORS.sub("", text)
-        return text, hits
+        texts, hits = self.clean_all([text])
+        return texts[0], hits[0]
+
+    def clean_all(self, texts: list[str]) -> tuple[list[str], list[list[str]]]:
+        """Each caption cleaned, and the rules that changed it. The rules run in order on every caption; each runs
+        only on the captions it can change, found for the whole batch at once."""
+        texts = list(texts)
+        hits: list[list[str]] = [[] for _ in texts]
+        for rule, (name, pattern, replacement, can_match) in enumerate(self.compiled):
+            find = self.batch_candidates.get(rule)
+            if find is not None:
+                candidates: Iterable[int] = sorted(find(_Joined(texts)))
+            else:
+                candidates = [i for i, text in enumerate(texts) if can_match(text)]
+            for i in candidates:
+                text, n = pattern.subn(replacement, texts[i])
+                if n:
+                    texts[i] = text
+                    hits[i].append(name)
+        for i, text in enumerate(texts):
+            text = normalise_whitespace(text)
+            texts[i] = _EDGE_SEPARATORS.sub("", text) if hits[i] else text
+        return texts, hits
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
-        results = [self.clean(c) for c in batch.captions]
-        return {"caption": [r[0] for r in results], "patterns_hits": [r[1] for r in results]}
+        texts, hits = self.clean_all(batch.captions)
+        return {"caption": texts, "patterns_hits": hits}

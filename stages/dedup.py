@@ -63,7 +63,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from models.imaging import DEFAULT_MAX_PIXELS, open_bounded
-from stages.base import SampleBatch, Stage, StageParams
+from stages.base import SampleBatch, Stage, StageParams, error_text
 
 HASH_SIDE = 32  # the planes the DCT is taken of are reduced to this side
 LUMA_BLOCK = 8  # the top-left block of luma DCT coefficients the pHash reads (63 AC coefficients)
@@ -344,7 +344,7 @@ class DedupStage(Stage):
             try:
                 found, error = fingerprint(data, self.params.max_pixels), None
             except Exception as exc:  # noqa: BLE001 - an unhashable image is this sample's annotation
-                found, error = None, f"{type(exc).__name__}: {exc}"[:200]
+                found, error = None, error_text(exc)
             columns["dedup_phash"].append(None if found is None else found.phash)
             columns["dedup_chroma_hash"].append(None if found is None else found.chroma)
             columns["dedup_probe_bits"].append(None if found is None else found.probe)

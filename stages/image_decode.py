@@ -22,7 +22,7 @@ import pyarrow as pa
 from PIL import Image
 
 from models.imaging import DEFAULT_MAX_PIXELS, ImageTooLarge, open_bounded
-from stages.base import SampleBatch, Stage, StageParams, first_reason
+from stages.base import SampleBatch, Stage, StageParams, error_text, first_reason
 
 PIXELS = "pixels"
 _TOO_LARGE = ImageTooLarge.__name__ + ":"  # how a refused bomb reads in decode_error
@@ -74,7 +74,7 @@ class DecodeStage(Stage):
                 errors.append("")
             except Exception as exc:  # noqa: BLE001 - a corrupt body is this sample's verdict
                 pixels.append(None)
-                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                errors.append(error_text(exc))
         return {PIXELS: pixels, "decode_error": errors, "decode_size": [self.params.size] * len(batch)}
 
     def reject_reason(self) -> pl.Expr:

@@ -10,10 +10,11 @@ import polars as pl
 import pyarrow as pa
 from PIL import Image
 
-from stages.base import SampleBatch, Stage, StageParams, first_reason
+from pipeline.shards import binary_views
+from stages.base import SampleBatch, Stage, StageParams, error_text, first_reason
 
 
-def read_header(data: bytes) -> tuple[int | None, int | None, str | None, str | None]:
+def read_header(data: bytes | memoryview) -> tuple[int | None, int | None, str | None, str | None]:
     """(width, height, format, error) from the image header; never decodes pixels.
 
     JPEG, PNG, WebP and GIF headers are parsed here from the first bytes; anything else (or a header this parser
@@ -23,6 +24,8 @@ def read_header(data: bytes) -> tuple[int | None, int | None, str | None, str | 
     parsed = parse_header(data)
     if parsed is not None:
         return parsed[0], parsed[1], parsed[2], None
+    if isinstance(data, memoryview):
+        data = data.tobytes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # DecompressionBombWarning: max_pixels is our own threshold
@@ -32,7 +35,7 @@ def read_header(data: bytes) -> tuple[int | None, int | None, str | None, str | 
     except Image.DecompressionBombError:
         return None, None, None, "DecompressionBombError: image header declares too many pixels"
     except Exception as exc:  # noqa: BLE001 - any unreadable header is a per-sample verdict
-        return None, None, None, f"{type(exc).__name__}: {exc}"[:200]
+        return None, None, None, error_text(exc)
 
 
 # JPEG start-of-frame markers (C0-CF except DHT C4, JPG C8 and DAC CC) carry the frame size.
@@ -40,7 +43,7 @@ _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _JPEG_SCAN_LIMIT = 1 * 2**20  # a header whose frame size is not found within this many bytes goes to PIL
 
 
-def parse_header(data: bytes) -> tuple[int, int, str] | None:
+def parse_header(data: bytes | memoryview) -> tuple[int, int, str] | None:
     """(width, height, format) of a JPEG, PNG, WebP or GIF from its first bytes, or None to let PIL decide."""
     head = data[:4]
     if head[:2] == b"\xff\xd8":
@@ -58,7 +61,7 @@ def parse_header(data: bytes) -> tuple[int, int, str] | None:
     return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int, str] | None:
+def _jpeg_size(data: bytes | memoryview) -> tuple[int, int, str] | None:
     offset, end = 2, min(len(data), _JPEG_SCAN_LIMIT)
     while offset + 4 <= end:
         if data[offset] != 0xFF:
@@ -85,7 +88,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int, str] | None:
     return None
 
 
-def _webp_size(data: bytes) -> tuple[int, int, str] | None:
+def _webp_size(data: bytes | memoryview) -> tuple[int, int, str] | None:
     chunk = data[12:16]
     if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
         width = int.from_bytes(data[26:28], "little") & 0x3FFF
@@ -114,20 +117,43 @@ _JPEG_END = b"\xff\xd9"
 _PNG_END = b"IEND\xaeB`\x82"
 
 
-def file_is_complete(data: bytes, image_format: str | None) -> bool | None:
+def file_is_complete(data: bytes | memoryview, image_format: str | None) -> bool | None:
     """Whether the file ends where its format says it should: catches truncated downloads without decoding."""
     if image_format == "JPEG":
-        return data.rstrip(b"\0").endswith(_JPEG_END)
+        return _without_trailing_nul(data).endswith(_JPEG_END)
     if image_format == "PNG":
-        return data.endswith(_PNG_END)
+        return bytes(data[-len(_PNG_END):]).endswith(_PNG_END)
     if image_format == "WEBP":
         return len(data) >= 8 and int.from_bytes(data[4:8], "little") + 8 <= len(data)
     return None
 
 
+def _without_trailing_nul(data: bytes | memoryview, keep: int = 16) -> bytes:
+    """The last ``keep`` bytes of ``data`` (fewer if it is shorter) once its trailing NUL bytes are cut."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - 4096)
+        kept = len(bytes(data[start:end]).rstrip(b"\0"))
+        if kept:
+            end = start + kept
+            return bytes(data[max(0, end - keep):end])
+        end = start
+    return b""
+
+
+def image_values(batch: SampleBatch) -> list:
+    """The batch's image files, as views of the table's buffers where it can (the header and the last bytes are
+    all that is read: copying every file out of the table costs more than parsing its header)."""
+    table = getattr(batch, "_table", None)
+    if not isinstance(table, pa.Table) or "image" not in table.column_names:
+        return batch.images
+    views = binary_views(table.column("image"))
+    return [views[i] for i in batch.index]
+
+
 def annotate_headers(batch: SampleBatch) -> dict[str, list]:
     columns: dict[str, list] = {name: [] for name in HEADER_COLUMNS}
-    for data in batch.images:
+    for data in image_values(batch):
         width, height, image_format, error = read_header(data)
         for name, value in zip(HEADER_COLUMNS, (width, height, image_format, error,
                                                 file_is_complete(data, image_format))):

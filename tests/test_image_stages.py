@@ -112,3 +112,12 @@ def test_aspect_ratio_reads_headers_itself_when_image_size_is_off():
     after = curate(IMAGE_STAGES, ["c"] * 3, images)
     assert [r["aspect_ratio"] for r in alone] == [r["aspect_ratio"] for r in after] == [4.5, 1.5, None]
     assert alone[2]["drop_reason"] == "aspect_ratio:undecodable_header"
+
+
+def test_an_unreadable_header_is_described_the_same_way_on_every_run():
+    """PIL names the in-memory file it could not read (with its address): the manifest gets a stable text."""
+    from stages.image_header import read_header
+
+    garbage = b"neither JPEG, PNG, WebP nor GIF: plain text where an image should be"
+    first, second = read_header(garbage)[3], read_header(bytes(garbage))[3]
+    assert first == second == "UnidentifiedImageError: cannot identify image file <object>"
