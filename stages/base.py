@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 
 
 @dataclasses.dataclass
@@ -143,3 +144,18 @@ def error_text(exc: BaseException, limit: int = 200) -> str:
     """``Type: message`` for a manifest column, without the memory addresses of object reprs (PIL names the
     BytesIO it could not read): the same sample gets the same text on every run."""
     return _OBJECT_REPR.sub("<object>", f"{type(exc).__name__}: {exc}")[:limit]
+
+
+def shard_verdicts(table: pa.Table, found: dict[str, pa.Table],
+                   columns: dict[str, pa.DataType]) -> dict[str, pa.ChunkedArray | pa.Array]:
+    """Columns decided over the whole output, for one shard's manifest rows: ``found`` maps a shard's source to
+    the rows (``position`` and ``columns``) that have values; every other row gets nulls."""
+    if "shard" not in table.column_names or "position" not in table.column_names:
+        return {}
+    rows = table.num_rows
+    values = found.get(table.column("shard")[0].as_py()) if rows else None
+    if values is None:
+        return {name: pa.nulls(rows, dtype) for name, dtype in columns.items()}
+    positions = values.column("position").cast(pa.int64())
+    index = pc.index_in(table.column("position").cast(pa.int64()), value_set=positions)
+    return {name: values.column(name).take(index).cast(dtype) for name, dtype in columns.items()}

@@ -59,11 +59,10 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 from PIL import Image
 
 from models.imaging import DEFAULT_MAX_PIXELS, open_bounded
-from stages.base import SampleBatch, Stage, StageParams, error_text
+from stages.base import SampleBatch, Stage, StageParams, error_text, shard_verdicts
 
 HASH_SIDE = 32  # the planes the DCT is taken of are reduced to this side
 LUMA_BLOCK = 8  # the top-left block of luma DCT coefficients the pHash reads (63 AC coefficients)
@@ -372,15 +371,7 @@ class ResolvedDedupStage(DedupStage):
         self.duplicates = duplicates  # shard source -> position + VERDICT_COLUMNS of its duplicate samples
 
     def selection_columns(self, table: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
-        if "shard" not in table.column_names or "position" not in table.column_names:
-            return {}
-        rows = table.num_rows
-        found = self.duplicates.get(table.column("shard")[0].as_py()) if rows else None
-        if found is None:
-            return {name: pa.nulls(rows, dtype) for name, dtype in VERDICT_COLUMNS.items()}
-        index = pc.index_in(table.column("position").cast(pa.int64()),
-                            value_set=found.column("position").cast(pa.int64()))
-        return {name: found.column(name).take(index).cast(dtype) for name, dtype in VERDICT_COLUMNS.items()}
+        return shard_verdicts(table, self.duplicates, VERDICT_COLUMNS)
 
     def reject_reason(self) -> pl.Expr:
         return pl.when(pl.col("dedup_duplicate_of").is_not_null()).then(

@@ -15,9 +15,8 @@ import dataclasses
 
 import polars as pl
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from stages.base import SampleBatch, Stage, StageParams
+from stages.base import SampleBatch, Stage, StageParams, shard_verdicts
 
 EMBEDDING_COLUMN = "clip_image_embedding"  # written by clip_score with save_embeddings; saved beside the manifest
 
@@ -73,15 +72,7 @@ class ResolvedSemanticDedupStage(SemanticDedupStage):
         self.duplicates = duplicates  # shard source -> position + VERDICT_COLUMNS
 
     def selection_columns(self, table: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
-        if "shard" not in table.column_names or "position" not in table.column_names:
-            return {}
-        rows = table.num_rows
-        found = self.duplicates.get(table.column("shard")[0].as_py()) if rows else None
-        if found is None:
-            return {name: pa.nulls(rows, dtype) for name, dtype in VERDICT_COLUMNS.items()}
-        index = pc.index_in(table.column("position").cast(pa.int64()),
-                            value_set=found.column("position").cast(pa.int64()))
-        return {name: found.column(name).take(index).cast(dtype) for name, dtype in VERDICT_COLUMNS.items()}
+        return shard_verdicts(table, self.duplicates, VERDICT_COLUMNS)
 
     def reject_reason(self) -> pl.Expr:
         return pl.when(pl.col("semantic_duplicate_of").is_not_null()).then(pl.lit("semantic_duplicate"))

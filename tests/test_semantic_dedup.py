@@ -19,7 +19,8 @@ def planted(count=3000, copies=150, dim=64, noise=0.12, seed=1):
     originals = rng.choice(count, size=copies, replace=False)
     near = unit(base[originals] + noise * rng.normal(size=(copies, dim)) / np.sqrt(dim))
     vectors = np.concatenate([base, near])
-    samples = pl.DataFrame({"stem": ["a"] * count + ["b"] * copies, "shard": ["/in/a.tar"] * count + ["/in/b.tar"] * copies,
+    samples = pl.DataFrame({"stem": ["a"] * count + ["b"] * copies,
+                            "shard": ["/in/a.tar"] * count + ["/in/b.tar"] * copies,
                             "position": list(range(count)) + list(range(copies)),
                             "key": [f"k{i}" for i in range(count)] + [f"c{i}" for i in range(copies)],
                             "score": [None] * (count + copies)}, schema_overrides={"score": pl.Float64})
