@@ -139,18 +139,8 @@ def _pairs_within_runs(same: np.ndarray, block: int) -> Iterator[tuple[np.ndarra
     offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
     positions = np.repeat(starts, lengths) + offsets
     partners = np.repeat(ends, lengths) - positions - 1  # later positions in the same run
-    cumulative = np.cumsum(partners)
-    begin = 0
-    while begin < len(positions):
-        base = cumulative[begin - 1] if begin else 0
-        end = max(begin + 1, int(np.searchsorted(cumulative, base + block, side="right")))
-        counts = partners[begin:end]
-        total = int(counts.sum())
-        if total:
-            left = np.repeat(positions[begin:end], counts)
-            right = left + 1 + np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-            yield left, right
-        begin = end
+    for owners, right in _ranges(positions + 1, partners, block):
+        yield positions[owners], right
 
 
 def _subsets(masks: np.ndarray) -> Iterator[np.ndarray]:
@@ -410,14 +400,25 @@ def preference_order(samples: pl.DataFrame) -> pl.DataFrame:
     return samples.sort(["score", "stem", "position"], descending=[True, False, False], nulls_last=True)
 
 
+def taking_part(stages: list[Stage], index: int) -> pl.Expr:
+    """The samples a search over the whole output judges for ``stages[index]``: those that pass every other stage
+    and did not fail in this one."""
+    others = stages[:index] + stages[index + 1:]
+    return drop_reason_expr(others).is_null() & (pl.col("error_stage").fill_null("") != stages[index].name)
+
+
+def preference_score(schema: pl.Schema, prefer: str) -> pl.Expr:
+    """``score``: the ranking column as a float; null when the manifest lacks it or it is not numeric."""
+    ranked = prefer in schema.names() and schema[prefer].is_numeric()
+    return (pl.col(prefer).cast(pl.Float64) if ranked else pl.lit(None, dtype=pl.Float64)).alias("score")
+
+
 def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.DataFrame:
     """The samples that take part in the search of ``stages[index]``, read lazily from every completed shard's
     manifest (only the fingerprint columns, the ranking column and what the other stages' verdicts read), in
     keep-preference order."""
     dedup = stages[index]
-    others = stages[:index] + stages[index + 1:]
-    passes = drop_reason_expr(others).is_null() & (pl.col("error_stage").fill_null("") != dedup.name)
-    prefer = dedup.params.prefer
+    passes = taking_part(stages, index)
     frames = []
     for stem in sorted(out.done_records()):
         if not out.is_file(out.manifest_name(stem)):
@@ -430,8 +431,6 @@ def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.Dat
             continue
         if "error_stage" not in names:
             scan = scan.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
-        ranked = prefer in names and schema[prefer].is_numeric()  # a missing or non-numeric column ranks nothing
-        score = pl.col(prefer).cast(pl.Float64) if ranked else pl.lit(None, dtype=pl.Float64)
         crops = [pl.col(column).alias(name) if column in names and min(dedup.params.max_hamming,
                                                                         dedup.params.crop_hamming) >= 0
                  else pl.lit(None, dtype=SAMPLE_SCHEMA[name]).alias(name)  # window hashes: read only when used
@@ -442,7 +441,7 @@ def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.Dat
             pl.col("dedup_sha256").str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64).alias("sha"),
             pl.col("dedup_phash").alias("phash"), pl.col("dedup_chroma_hash").alias("chroma"),
             pl.col("dedup_caption_hash").alias("caption_hash"),
-            score.alias("score"), *crops))
+            preference_score(schema, dedup.params.prefer), *crops))
     if not frames:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
     return preference_order(pl.concat(frames).collect(engine="streaming"))

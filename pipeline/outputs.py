@@ -31,7 +31,6 @@ import io
 import json
 import os
 import tarfile
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.shards import byte_sum
-from pipeline.storage import TMP_MARK, LocalStorage, open_storage
+from pipeline.storage import TMP_MARK, open_storage
 from stages.semantic_dedup import EMBEDDING_COLUMN  # saved beside the manifest (float16 .npy), never in it
 
 MANIFEST_EXCLUDED = ("image", "metadata_json")
@@ -90,9 +89,6 @@ class OutputDir:
 
     def manifest_path(self, stem: str):
         return self.store.location(self.manifest_name(stem))
-
-    def done_path(self, stem: str):
-        return self.store.location(self.done_name(stem))
 
     def read_bytes(self, name: str) -> bytes:
         return self.store.read_bytes(name)
@@ -187,15 +183,6 @@ def embeddings_bytes(column: pa.ChunkedArray | pa.Array) -> bytes | None:
 
 def json_bytes(payload: Any) -> bytes:
     return (json.dumps(payload, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
-    """Replace a local file atomically (see ``LocalStorage.write_bytes``)."""
-    LocalStorage(Path(path).parent).write_bytes(Path(path).name, data, durable)
-
-
-def atomic_write_json(path: Path, payload: Any) -> None:
-    atomic_write_bytes(path, json_bytes(payload))
 
 
 def annotation_columns(table: pa.Table) -> list[str]:

@@ -28,7 +28,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from pipeline.curate import drop_reason_expr
+from pipeline.curate import verdict_frame
+from pipeline.dedup import preference_order, preference_score, taking_part
 from pipeline.outputs import OutputDir, embeddings_name
 from stages.base import Stage
 from stages.semantic_dedup import VERDICT_COLUMNS, ResolvedSemanticDedupStage, SemanticDedupStage
@@ -50,9 +51,7 @@ def read_embeddings(out: OutputDir, stem: str) -> np.ndarray | None:
 def candidates(out: OutputDir, stages: list[Stage], index: int) -> tuple[pl.DataFrame, np.ndarray]:
     """The samples taking part (stem, shard, position, key, score) in canonical order, and their normalised
     embeddings (float32, one row each)."""
-    stage = stages[index]
-    others = stages[:index] + stages[index + 1:]
-    passes = drop_reason_expr(others).is_null() & (pl.col("error_stage").fill_null("") != stage.name)
+    passes = taking_part(stages, index)
     frames, vectors = [], []
     for stem in sorted(out.done_records()):
         if not out.is_file(out.manifest_name(stem)):
@@ -60,16 +59,11 @@ def candidates(out: OutputDir, stages: list[Stage], index: int) -> tuple[pl.Data
         embeddings = read_embeddings(out, stem)
         if embeddings is None:
             continue
-        manifest = pl.from_arrow(out.read_manifest(stem))
+        manifest = verdict_frame(out.read_manifest(stem))
         if manifest.height == 0:
             continue
-        if "error_stage" not in manifest.columns:
-            manifest = manifest.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
-        prefer = stage.params.prefer
-        ranked = prefer in manifest.columns and manifest.schema[prefer].is_numeric()
-        score = pl.col(prefer).cast(pl.Float64) if ranked else pl.lit(None, dtype=pl.Float64)
-        chosen = manifest.filter(passes).select(pl.lit(stem).alias("stem"), "shard",
-                                                pl.col("position").cast(pl.Int64), "key", score.alias("score"))
+        chosen = manifest.filter(passes).select(pl.lit(stem).alias("stem"), "shard", pl.col("position").cast(pl.Int64),
+                                                "key", preference_score(manifest.schema, stages[index].params.prefer))
         rows = embeddings[chosen["position"].to_numpy()].astype(np.float32)
         finite = np.isfinite(rows).all(axis=1)
         frames.append(chosen.filter(pl.Series(finite)))
@@ -176,8 +170,7 @@ def find_semantic_duplicates(samples: pl.DataFrame, vectors: np.ndarray, params)
         return pl.DataFrame(schema=schema)
     clusters = params.clusters or -(-samples.height // params.cluster_size)
     labels = spherical_kmeans(vectors, clusters, params.iterations, params.seed, nearest=SEARCHED_CLUSTERS)
-    ranked = samples.with_row_index("row").with_columns(pl.col("score").fill_nan(None))
-    order = ranked.sort(["score", "stem", "position"], descending=[True, False, False], nulls_last=True)["row"]
+    order = preference_order(samples.with_row_index("row"))["row"]
     rank = np.empty(samples.height, np.int64)
     rank[order.to_numpy()] = np.arange(samples.height)
     duplicate_of, similarity = within_cluster_duplicates(vectors, rank, labels, params.threshold)

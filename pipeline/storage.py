@@ -53,9 +53,6 @@ class LocalStorage:
     def location(self, name: str) -> Path:
         return self.root / name
 
-    def exists(self, name: str) -> bool:
-        return os.path.lexists(self.root / name)
-
     def is_file(self, name: str) -> bool:
         try:
             return stat.S_ISREG(os.lstat(self.root / name).st_mode)
@@ -204,9 +201,6 @@ class ObjectStorage:
     def location(self, name: str) -> str:
         return f"{self.url}/{name}"
 
-    def exists(self, name: str) -> bool:
-        return self.fs.exists(self._key(name))
-
     def is_file(self, name: str) -> bool:
         return self.fs.isfile(self._key(name))
 
@@ -350,15 +344,9 @@ class ObjectLeaseStore:
         if not self.s3:
             self.fs.pipe_file(self.key, data)
             return True
-        try:
-            response = self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.object_key, Body=data,
-                                       IfMatch=etag)
-        except FileNotFoundError:
+        response = self._if_match("put_object", etag, Body=data)
+        if response is None:
             return False
-        except OSError as exc:
-            if _precondition_failed(exc):
-                return False
-            raise
         self._etag_of = (data, response["ETag"])
         return True
 
@@ -366,19 +354,28 @@ class ObjectLeaseStore:
         etag = self._etag(expected)
         if etag is None:
             return False
-        try:
-            if self.s3:
-                self.fs.call_s3("delete_object", Bucket=self.bucket, Key=self.object_key, IfMatch=etag)
-            else:
-                self.fs.rm_file(self.key)
-        except FileNotFoundError:
-            return False
-        except OSError as exc:
-            if _precondition_failed(exc):
+        if self.s3:
+            if self._if_match("delete_object", etag) is None:
                 return False
-            raise
+        else:
+            try:
+                self.fs.rm_file(self.key)
+            except FileNotFoundError:
+                return False
         self._etag_of = None
         return True
+
+    def _if_match(self, operation: str, etag: str, **arguments) -> dict | None:
+        """An S3 request on the record that holds only while its ETag is ``etag``; None when the condition fails
+        or the record is gone."""
+        try:
+            return self.fs.call_s3(operation, Bucket=self.bucket, Key=self.object_key, IfMatch=etag, **arguments)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return None
+            raise
 
     def _etag(self, expected: bytes) -> str | None:
         """The ETag of the record while it is still ``expected``; None when it changed or is gone."""

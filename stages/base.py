@@ -56,6 +56,12 @@ class SampleBatch:
         """An earlier stage's annotation column for these samples, or None when no stage wrote it."""
         return self._column(name) if name in self._table.column_names else None
 
+    def has_annotation(self, name: str) -> list[bool]:
+        """Per sample, whether an earlier stage wrote a value in column ``name`` (without copying the values)."""
+        if name not in self._table.column_names:
+            return [False] * len(self)
+        return self._table.column(name).take(pa.array(self.index, pa.int64())).is_valid().to_pylist()
+
     @functools.cached_property
     def captions(self) -> list[str]:
         return self._column("caption")

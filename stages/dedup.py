@@ -45,6 +45,7 @@ stage drops nothing (so the model stages still score every member, and the best-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -200,34 +201,34 @@ def _signed(values: np.ndarray) -> list[int]:
     return np.ascontiguousarray(values, dtype=np.uint64).view(np.int64).tolist()
 
 
-def fingerprint(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
-    """The perceptual fingerprints of encoded image bytes, JPEGs through a draft decode. Raises ``ImageTooLarge``
-    from the header alone when the image declares more than ``max_pixels`` pixels, and PIL's errors for
-    undecodable bytes."""
+@contextlib.contextmanager
+def draft_opened(data: bytes, max_pixels: int):
+    """The image of encoded bytes, a JPEG set to draft decoding. Raises ``ImageTooLarge`` from the header alone
+    when the image declares more than ``max_pixels`` pixels, and PIL's errors for undecodable bytes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # palette transparency and the like: only the planes matter
         with open_bounded(data, max_pixels) as image:
             if image.format == "JPEG":
                 image.draft("YCbCr", DRAFT_SIZE)
-            image = _hashable(image)
-            luma, chroma, probe = _whole_image(image)
-            factor = min(image.size) // WINDOW_SOURCE_SIDE
-            source = image.reduce(factor) if factor > 1 else image
-            planes = np.asarray(source if source.mode == "YCbCr" else source.convert("YCbCr"), dtype=np.float64)
+            yield image
+
+
+def fingerprint(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprint:
+    """The perceptual fingerprints of encoded image bytes (see ``draft_opened``)."""
+    with draft_opened(data, max_pixels) as image:
+        image = _hashable(image)
+        luma, chroma, probe = _whole_image(image)
+        factor = min(image.size) // WINDOW_SOURCE_SIDE
+        source = image.reduce(factor) if factor > 1 else image
+        planes = np.asarray(source if source.mode == "YCbCr" else source.convert("YCbCr"), dtype=np.float64)
     windows, window_chroma = window_hashes(planes)
     return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma))
 
 
 def perceptual_hashes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
-    """(luma pHash, chroma hash) of encoded image bytes, JPEGs through a draft decode. Raises ``ImageTooLarge``
-    from the header alone when the image declares more than ``max_pixels`` pixels, and PIL's errors for
-    undecodable bytes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # palette transparency and the like: only the planes matter
-        with open_bounded(data, max_pixels) as image:
-            if image.format == "JPEG":
-                image.draft("YCbCr", DRAFT_SIZE)
-            return hash_planes(image)
+    """(luma pHash, chroma hash) of encoded image bytes (see ``draft_opened``)."""
+    with draft_opened(data, max_pixels) as image:
+        return hash_planes(image)
 
 
 def perceptual_hash(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> int:

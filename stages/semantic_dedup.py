@@ -53,10 +53,8 @@ class SemanticDedupStage(Stage):
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         """Per sample only whether it has an embedding (it takes part in the search unless another stage drops
         it); the verdict columns are filled at selection time."""
-        embeddings = batch.annotation(EMBEDDING_COLUMN)
         columns: dict[str, list] = {name: [None] * len(batch) for name in VERDICT_COLUMNS}
-        columns["semantic_embedded"] = ([value is not None for value in embeddings] if embeddings is not None
-                                        else [False] * len(batch))
+        columns["semantic_embedded"] = batch.has_annotation(EMBEDDING_COLUMN)
         return columns
 
     def reject_reason(self) -> pl.Expr | None:
