@@ -21,7 +21,8 @@ import pyarrow as pa
 import ray
 
 from pipeline.shards import Shard
-from pipeline.steps import SUMMARY_SCHEMA, RunContext, curate_shard, run_model_stage, slim_batches, write_model_results
+from pipeline import steps
+from pipeline.steps import SUMMARY_SCHEMA, RunContext, run_model_stage, slim_batches, write_model_results
 
 
 def _summary_table(summaries: list[dict]) -> pa.Table:
@@ -29,8 +30,9 @@ def _summary_table(summaries: list[dict]) -> pa.Table:
 
 
 def curate_shards(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
-    for item in items.to_pylist():
-        yield _summary_table(list(curate_shard(ctx, item["source"], item["stem"])))
+    shards = [(item["source"], item["stem"]) for item in items.to_pylist()]
+    for summary in steps.curate_shards(ctx, shards):
+        yield _summary_table([summary])
 
 
 def read_and_slim(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:

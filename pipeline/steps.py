@@ -173,9 +173,27 @@ def read_batches(source: str, read: ReadParams, timer: StageTimer) -> Iterator[p
 
 # ------------------------------------------------------------------------------- source step: read + CPU stages
 
-def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
-    """Without model stages: read, annotate, judge and write every batch of a shard, then commit the shard.
-    Yields one summary (the completion record's counts, or the shard's error)."""
+def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[dict]:
+    """Without model stages: for each (source, stem), read, annotate, judge and write every batch of the shard,
+    then commit it. Yields one summary per shard (the completion record's counts, or the shard's error), each
+    only once its commit has returned.
+
+    A commit mostly waits (fsync on a local disk, uploads to an object store), so it runs on a thread of its own
+    while the next shard is read and judged; at most one commit waits behind the one running. Summaries follow
+    the order of ``shards``."""
+    pending: collections.deque = collections.deque()  # a summary, or a commit's future of one
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
+        for source, stem in shards:
+            writer = written_shard(ctx, source, stem)
+            pending.append(writer if isinstance(writer, dict) else committer.submit(commit_written, ctx, writer))
+            while pending and (len(pending) > 2 or _ready(pending[0])):
+                yield _result(pending.popleft())
+        while pending:
+            yield _result(pending.popleft())
+
+
+def written_shard(ctx: RunContext, source: str, stem: str) -> ShardWriter | dict:
+    """Every batch of a shard read, judged and written: the writer, ready to commit; or the shard's error."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
     writer = None
@@ -186,13 +204,27 @@ def curate_shard(ctx: RunContext, source: str, stem: str) -> Iterator[dict]:
         for batch in read_batches(source, ctx.read, timer):
             batch = run_stages(batch, stages, ctx.plan.source, timer)
             writer.add(finish_batch(batch, stages), timer.take())
-        record = writer.commit(stage_names(stages), ctx.fingerprint, ctx.config_name)
+        return writer
     except Exception as exc:  # noqa: BLE001 - a bad shard fails alone, with its reason
         if writer is not None:
             writer.abort()
-        yield shard_summary(stem, source, error=describe(exc))
-        return
-    yield shard_summary(stem, source, total=record["total"], kept=record["kept"], committed=True)
+        return shard_summary(stem, source, error=describe(exc))
+
+
+def commit_written(ctx: RunContext, writer: ShardWriter) -> dict:
+    try:
+        record = writer.commit(stage_names(ctx.stages()), ctx.fingerprint, ctx.config_name)
+    except Exception as exc:  # noqa: BLE001 - commit aborts the writer: nothing half-written stays in place
+        return shard_summary(writer.stem, writer.source, error=describe(exc))
+    return shard_summary(writer.stem, writer.source, total=record["total"], kept=record["kept"], committed=True)
+
+
+def _ready(item) -> bool:
+    return isinstance(item, dict) or item.done()
+
+
+def _result(item) -> dict:
+    return item if isinstance(item, dict) else item.result()
 
 
 def slim_batches(ctx: RunContext, source: str, stem: str) -> Iterator[pa.Table]:
