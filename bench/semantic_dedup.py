@@ -6,6 +6,11 @@ wall and CPU seconds, peak RSS, how many planted copies were found, and how many
 
     .venv/bin/python bench/semantic_dedup.py                 # 100,000 and 1,000,000 samples, 512 dimensions
     .venv/bin/python bench/semantic_dedup.py --sizes 200000 --dim 768
+    .venv/bin/python bench/semantic_dedup.py --ray --sizes 1000000   # the search a run does, on a local Ray
+
+With ``--ray`` the embeddings go to Ray's object store in parts of ``--part`` samples (float16, as saved) and the
+search runs as ``find_semantic_duplicates_on_ray`` does; CPU seconds are then the driver's only, and the peak RSS
+the driver's (workers and the object store are shared memory, counted apart).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.semantic_dedup import find_semantic_duplicates  # noqa: E402
+from pipeline.semantic_dedup import duplicates_of_parts, find_semantic_duplicates, normalised  # noqa: E402
 from stages.semantic_dedup import SemanticDedupParams  # noqa: E402
 
 
@@ -59,7 +64,13 @@ def main() -> None:
     parser.add_argument("--copy-share", type=float, default=0.01)
     parser.add_argument("--threshold", type=float, default=0.95)
     parser.add_argument("--cluster-size", type=int, default=1000)
+    parser.add_argument("--ray", action="store_true", help="search on a local Ray cluster (all cores)")
+    parser.add_argument("--part", type=int, default=10_000, help="samples per part with --ray")
     args = parser.parse_args()
+    if args.ray:
+        import ray
+
+        ray.init(include_dashboard=False, logging_level="ERROR")
 
     print(f"dim {args.dim}, {args.topics} topics, {args.copy_share:.0%} planted copies, threshold {args.threshold}, "
           f"cluster_size {args.cluster_size}")
@@ -67,9 +78,20 @@ def main() -> None:
           f"{'others dropped':>14}")
     for size in args.sizes:
         samples, vectors, originals, source = corpus(size, args.dim, args.topics, args.copy_share, seed=size)
+        vectors = vectors.astype(np.float16)  # as clip_score saves them
         params = SemanticDedupParams(threshold=args.threshold, cluster_size=args.cluster_size)
+        if args.ray:
+            import ray
+
+            cuts = list(range(0, size, args.part)) + [size]
+            frames = [samples[a:b] for a, b in zip(cuts, cuts[1:])]
+            refs = [ray.put(vectors[a:b]) for a, b in zip(cuts, cuts[1:])]
+            del vectors
         wall, cpu = time.perf_counter(), time.process_time()
-        found = find_semantic_duplicates(samples, vectors, params)
+        if args.ray:
+            found = duplicates_of_parts(frames, refs, params, partitions=round(2 * ray.cluster_resources()["CPU"]))
+        else:
+            found = find_semantic_duplicates(samples, normalised(vectors), params)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         copies = found.filter(pl.col("stem") == "b") if "stem" in found.columns else found.filter(

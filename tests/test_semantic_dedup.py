@@ -4,7 +4,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from pipeline.semantic_dedup import find_semantic_duplicates, spherical_kmeans, within_cluster_duplicates
+from pipeline.semantic_dedup import find_semantic_duplicates, normalised, spherical_kmeans, within_cluster_duplicates
 from stages.semantic_dedup import SemanticDedupParams, SemanticDedupStage
 
 
@@ -92,6 +92,31 @@ def test_kmeans_clusters_are_seeded_and_cover_every_sample():
     # well-separated blobs: each blob is one cluster
     assert all(len(set(labels[i * 60:(i + 1) * 60])) == 1 for i in range(5))
     assert len(set(labels)) == 5
+
+
+def test_the_search_on_ray_equals_the_search_in_one_process(ray_cluster):
+    """Candidates split into uneven parts held in Ray's object store, clusters dealt to several partitions:
+    the same verdicts, similarities and clusters as the search over all of them at once."""
+    import ray
+
+    from pipeline.semantic_dedup import duplicates_of_parts, find_semantic_duplicates
+
+    _, vectors, _ = planted(count=2000, copies=200)
+    rng = np.random.default_rng(3)
+    samples = pl.DataFrame({"stem": [f"s{i // 300:02d}" for i in range(len(vectors))],
+                            "shard": [f"/in/s{i // 300:02d}.tar" for i in range(len(vectors))],
+                            "position": np.arange(len(vectors)) % 300, "key": [f"k{i}" for i in range(len(vectors))],
+                            "score": rng.random(len(vectors))})
+    saved = vectors.astype(np.float16) * 3.0  # as saved: float16, not normalised
+    params = SemanticDedupParams(threshold=0.9, cluster_size=100, seed=5)
+    alone = find_semantic_duplicates(samples, normalised(saved), params)
+    cuts = [0, 1, 1, 450, 1300, len(vectors)]  # a part of one sample, and one of none
+    frames = [samples[a:b] for a, b in zip(cuts, cuts[1:])]
+    refs = [ray.put(saved[a:b]) for a, b in zip(cuts, cuts[1:])]
+    for partitions in (1, 3, 7):
+        spread = duplicates_of_parts(frames, refs, params, partitions=partitions)
+        assert spread.height > 150
+        assert spread.equals(alone)
 
 
 def test_bad_settings_are_refused():
