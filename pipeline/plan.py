@@ -1,8 +1,9 @@
-"""The steps of a run (``pipeline.steps``) mapped onto Ray Data, top to bottom.
+"""The steps of a run (``pipeline.steps``) mapped onto Ray, top to bottom.
 
-Without model stages the whole job is one operator: each task reads one input shard batch by batch, runs every
-stage on each batch in memory, writes the parts and commits the shard; only a one-row summary per shard travels
-back to the driver. With model stages:
+Without model stages the whole job is one step, run as plain Ray tasks: each task reads its input shards one after
+the other, batch by batch, runs every stage on each batch in memory, writes the parts and commits the shard; only
+a one-row summary per shard travels back to the driver, so Ray Data's executor would only add its own actors and
+bookkeeping. With model stages, on Ray Data:
 
     shards -> source step (read + CPU stages, tasks) -> one actor pool per model stage -> sink step (tasks)
 
@@ -20,8 +21,8 @@ from typing import Iterator
 import pyarrow as pa
 import ray
 
-from pipeline.shards import Shard
 from pipeline import steps
+from pipeline.shards import Shard
 from pipeline.steps import SUMMARY_SCHEMA, RunContext, run_model_stage, slim_batches, write_model_results
 
 
@@ -29,10 +30,29 @@ def _summary_table(summaries: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-def curate_shards(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
-    shards = [(item["source"], item["stem"]) for item in items.to_pylist()]
-    for summary in steps.curate_shards(ctx, shards):
-        yield _summary_table([summary])
+def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[dict]:
+    yield from steps.curate_shards(ctx, shards)
+
+
+class ShardTasks:
+    """The rule-only plan: groups of shards, one Ray task each; ``iter_rows`` yields the shards' summaries as they
+    are committed, from whichever task has one. A task that fails for good (its node lost, retries spent) yields no
+    more: the shards it did not report stay unfinished, and the run reports them as failed."""
+
+    def __init__(self, groups: list[list[tuple[str, str]]], ctx: RunContext, cpus: float):
+        self.groups, self.ctx, self.cpus = groups, ctx, cpus
+
+    def iter_rows(self) -> Iterator[dict]:
+        task = ray.remote(curate_shards).options(num_cpus=self.cpus, max_retries=TASK_RETRIES)
+        running = [task.remote(self.ctx, group) for group in self.groups]
+        while running:
+            (ready,), _ = ray.wait(running, num_returns=1)
+            try:
+                yield ray.get(next(ready))
+            except StopIteration:
+                running.remove(ready)
+            except ray.exceptions.RayError:
+                running.remove(ready)
 
 
 def read_and_slim(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
@@ -67,6 +87,7 @@ SINK_CPUS = 0.5  # a sink task joins, judges and writes: mostly I/O
 # run about a fifth faster without these, and hold no large buffers.)
 MODEL_RECIPE_WORKERS = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072", "ARROW_DEFAULT_MEMORY_POOL": "system"}}
 TASKS_PER_CPU = 4  # shards are grouped into this many source tasks per CPU of the cluster (fewer when fewer shards)
+TASK_RETRIES = 3  # a rule task lost with its worker or node is run again (its committed shards are rewritten alike)
 SOURCE_BATCHES_HELD = 4  # memory a source task reserves, in batches (read, annotated, carried, slim)
 
 
@@ -99,8 +120,8 @@ def cluster_node_cpus() -> list[float]:
 
 
 def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0,
-               node_cpus: list[float] | None = None) -> ray.data.Dataset:
-    """The whole job as one lazy Ray dataset of summary rows (see ``pipeline.steps.SUMMARY_SCHEMA``).
+               node_cpus: list[float] | None = None) -> "ray.data.Dataset | ShardTasks":
+    """The whole job: something whose ``iter_rows`` yields the summary rows (``pipeline.steps.SUMMARY_SCHEMA``).
 
     A model stage asks for GPUs only when the cluster has some: a GPU request on a CPU-only cluster would wait
     forever."""
@@ -110,11 +131,13 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
     # Several small shards per task (each still committed on its own), at least TASKS_PER_CPU tasks per CPU so
     # that the work stays balanced: a task costs the driver and Ray more than a small shard costs a worker.
     tasks = max(1, min(len(items), math.ceil(TASKS_PER_CPU * cluster_cpus)))
-    dataset = ray.data.from_items(items, override_num_blocks=tasks)
     plan = ctx.plan
     if not plan.models:
-        return dataset.map_batches(curate_shards, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                                   num_cpus=source_cpus(ctx))
+        size, extra = divmod(len(items), tasks)
+        bounds = [i * size + min(i, extra) for i in range(tasks + 1)]
+        groups = [[(item["source"], item["stem"]) for item in items[a:b]] for a, b in zip(bounds, bounds[1:])]
+        return ShardTasks(groups, ctx, source_cpus(ctx))
+    dataset = ray.data.from_items(items, override_num_blocks=tasks)
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",

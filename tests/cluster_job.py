@@ -137,7 +137,7 @@ def local_cluster(head_cpus: float, worker_cpus: list[float]):
 
 class NodeActivity(threading.Thread):
     """Watches which of vlcurate's steps each node runs: Ray names a busy worker process after its task or actor
-    (``ray::MapBatches(curate_shards)``, ``ray::MapWorker(MapBatches(ModelActor))``, ...), and a worker process
+    (``ray::curate_shards``, ``ray::MapWorker(MapBatches(ModelActor))``, ...), and a worker process
     is a child of its node's raylet."""
 
     def __init__(self, cluster: LocalCluster):

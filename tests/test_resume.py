@@ -194,7 +194,7 @@ def test_killed_ray_worker_is_retried_and_outputs_are_exact(ray_cluster, tmp_pat
             time.sleep(0.01)
         while time.time() < deadline and len(list((hit / "_state").glob("*.done.json"))) < 24:
             for process in psutil.process_iter(["pid", "cmdline"]):
-                if "MapBatches(curate_shards)" in " ".join(process.info["cmdline"] or []):
+                if "ray::curate_shards" in " ".join(process.info["cmdline"] or []):
                     os.kill(process.info["pid"], signal.SIGKILL)
                     killed.append(process.info["pid"])
                     return
