@@ -4,6 +4,7 @@
                                           [--mfu 0.4] [--models FOLDER] [--set capfilt.max_length=20 ...]
     .venv/bin/python bench/real_models.py --gpu-only [--gpu-batches 32 128 256]   # on a GPU machine
     .venv/bin/python bench/real_models.py --clip-load                               # CLIP loading memory only
+    .venv/bin/python bench/real_models.py --sampler [--sampler-rows 96]             # captioner's sampler only
 
 The models are ``models.real_size``'s (built on first use, then cached): open_clip ViT-L-14 and BLIP-large
 captioner and ITM filter with random weights. Random weights cost what trained ones cost, with one exception said
@@ -31,9 +32,14 @@ the stages call (``ClipScorer``, ``BlipCaptioner``, ``BlipItmFilter``):
   ``--gpu-batches``, after a warm-up batch: images/s, the achieved TFLOP/s (measured FLOPs x images/s), the peak
   CUDA memory allocated, and the forward batch ``resources.forward_batch: auto`` would pick from the measured
   memory per image; capfilt (captioner then ITM filter) as a whole; and JPEG decoding on the device (nvJPEG, as
-  the model stages do without a decode stage) against PIL's draft decode on one core. ``--gpu-only`` leaves the
+  the decode stage does in a model actor on CUDA) against PIL's draft decode on one core. ``--gpu-only`` leaves the
   CPU throughput out (FLOPs are still counted on the CPU, one image per stage); ``--gpu-device cpu`` runs that
   section's code on the CPU, to check it where there is no GPU (its figures mean nothing).
+* ``--sampler``: the captioner's per-row nucleus sampler alone (``models.blip.PerRowNucleusSampler``), per token
+  step for ``--sampler-rows`` rows (images x captions) over BLIP's 30,524-token vocabulary, on flat scores
+  (random weights: the nucleus is most of the vocabulary, the full sort decides) and peaked ones (a trained
+  model's: the nucleus is among the most likely tokens), on the GPU section's device: milliseconds per step, and
+  the share of it spent drawing each row's noise from its own generator on the host.
 * ``--clip-load``: the peak and final RSS of loading the ViT-L-14 checkpoint, open_clip's way (a randomly
   initialised model, then the checkpoint copied in) against ``models.clip.load_open_clip``'s, each in a fresh
   process.
@@ -339,8 +345,9 @@ def gpu_throughput(kind: str, models: dict, settings: dict, samples: list[Sample
 
 
 def decode_throughput(samples: list[Sample], size: int, device: str, seconds: float = 5.0) -> dict[str, float]:
-    """JPEGs decoded to ``size``-px squares per second: on ``device`` (nvJPEG on CUDA, all samples in one batched
-    call) and with PIL's draft decode on one CPU core (the decode stage)."""
+    """JPEGs decoded to ``size``-px squares per second: on ``device`` (nvJPEG on CUDA, in the batched calls the
+    decode stage makes in a model actor on CUDA) and with PIL's draft decode on one CPU core (the decode stage
+    on CPU)."""
     import torch
 
     from models.devices import is_cuda
@@ -360,6 +367,35 @@ def decode_throughput(samples: list[Sample], size: int, device: str, seconds: fl
             torch.cuda.synchronize()
         rates[name] = count / (time.perf_counter() - started)
     return rates
+
+
+def sampler_timing(rows: int, device: str, repeats: int = 5) -> dict[str, tuple[float, float, dict]]:
+    """Per kind of scores (flat, peaked): the best milliseconds of one token step of the captioner's sampler for
+    ``rows`` rows over BLIP's vocabulary, the milliseconds of drawing the rows' noise alone, and how the steps
+    were drawn (from the most likely tokens, or the full sort)."""
+    import torch
+
+    from models.blip import PerRowNucleusSampler
+    from models.devices import is_cuda
+
+    vocabulary = 30524
+    generator = torch.Generator().manual_seed(0)
+    results = {}
+    for kind, sharpness in (("flat", 1.0), ("peaked", 10.0)):
+        scores = (torch.randn(rows, vocabulary, generator=generator) * sharpness).to(device)
+        sampler = PerRowNucleusSampler(list(range(rows)), 0.9)
+        step, noise = [], []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            sampler(None, scores)
+            if is_cuda(device):
+                torch.cuda.synchronize()
+            step.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            sampler.exponential_noise(rows, vocabulary)
+            noise.append(time.perf_counter() - started)
+        results[kind] = (min(step) * 1e3, min(noise) * 1e3, dict(sampler.steps))
+    return results
 
 
 def measure_stage(kind: str, models: dict, overrides: list[str], args: argparse.Namespace) -> StageReport:
@@ -520,6 +556,8 @@ def main() -> None:
     parser.add_argument("--gpu-device", default="cuda",
                         help="device of the GPU section; 'cpu' runs its code without a GPU (a check, not a figure)")
     parser.add_argument("--clip-load", action="store_true", help="only compare the memory of CLIP loading")
+    parser.add_argument("--sampler", action="store_true", help="only time the captioner's sampler")
+    parser.add_argument("--sampler-rows", type=int, default=96, help="rows of a sampler step (images x captions)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (one CPU actor: 1)")
     parser.add_argument("--max-batch-seconds", type=float, default=300.0,
                         help="skip a CPU batch size predicted to take longer")
@@ -536,6 +574,13 @@ def main() -> None:
 
     args.gpu = torch.cuda.is_available() if is_cuda(args.gpu_device) else True
     print_machine(args)
+    if args.sampler:
+        device = args.gpu_device if args.gpu else "cpu"
+        print(f"Captioner sampler, {args.sampler_rows} rows x 30,524 tokens, scores on {device}, "
+              f"{torch.get_num_threads()} torch threads:")
+        for kind, (step, noise, ways) in sampler_timing(args.sampler_rows, device).items():
+            print(f"  {kind:<7} {step:8.1f} ms per token step, of which {noise:.1f} ms drawing the rows' noise; {ways}")
+        return
     started = time.perf_counter()
     models = real_size_models(args.models)
     models.pop("built")

@@ -111,30 +111,84 @@ class BlipCaptioner:
 class PerRowNucleusSampler:
     """Nucleus sampling with one random generator per generated sequence, as a logits processor for greedy
     decoding: each row's token is drawn with its own generator and made the only finite logit. Rows sample the
-    same whatever batch they are in (``generate``'s own sampling shares one generator across the batch)."""
+    same whatever batch they are in (``generate``'s own sampling shares one generator across the batch).
+
+    A row's draw is ``torch.multinomial``'s on the nucleus (the probabilities sorted in descending order, those
+    after the smallest prefix reaching ``top_p`` set to 0): the first position of the largest probability /
+    Exp(1) noise, the noise being ``vocabulary`` draws from the row's generator, in sorted order. The rows are
+    drawn together: only the noise is generated row by row (each from its own generator), and the full sort is
+    avoided where the nucleus lies, unambiguously, among the ``CANDIDATES`` most likely tokens (``topk``, on the
+    scores' device): within it the probabilities strictly decrease, so its order does not depend on how ties are
+    sorted, and the running sum passes ``top_p`` by ``MARGIN`` before the candidates end, so no later token can
+    be in it whatever rounding the running sum has (a row whose candidates hold under a quarter of ``top_p`` goes
+    to the full sort at once). Either way a row gets the token ``torch.multinomial`` would
+    draw with its generator from the sorted nucleus, and the generator advances as much."""
+
+    CANDIDATES = (64, 1024)
+    MARGIN = 1e-5  # far above float32 rounding of a running sum of probabilities (about 1e-7)
 
     def __init__(self, seeds: list[int], top_p: float):
+        if not top_p > 0.0:
+            raise ValueError(f"top_p must be above 0 (an empty nucleus), got {top_p}")
         self.generators = []
         for seed in seeds:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
             self.generators.append(generator)
         self.top_p = top_p
+        self.steps = {"candidates": 0, "full_sort": 0}  # how each token step was drawn
+        self._noise: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        probabilities = scores.float().softmax(dim=-1).cpu()
+        probabilities = scores.float().softmax(dim=-1)
+        if not bool(torch.isfinite(probabilities).all()):
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+        noise = self.exponential_noise(*probabilities.shape)
+        tokens = None if bool((noise == 0).any()) else self.from_candidates(probabilities, noise)
+        if tokens is None:
+            tokens = self.from_full_sort(probabilities.cpu(), noise)
+            self.steps["full_sort"] += 1
+        else:
+            self.steps["candidates"] += 1
+        forced = torch.full_like(scores, float("-inf"))
+        forced.scatter_(1, tokens.to(scores.device).unsqueeze(1), 0.0)
+        return forced
+
+    def exponential_noise(self, rows: int, vocabulary: int) -> torch.Tensor:
+        """(rows, vocabulary) Exp(1) draws, row ``r`` from generator ``r`` (what ``torch.multinomial`` draws)."""
+        if self._noise is None or self._noise.shape != (rows, vocabulary):
+            self._noise = torch.empty((rows, vocabulary), dtype=torch.float32)
+        for row, generator in enumerate(self.generators[:rows]):
+            self._noise[row].exponential_(generator=generator)
+        return self._noise
+
+    def from_candidates(self, probabilities: torch.Tensor, noise: torch.Tensor) -> torch.Tensor | None:
+        """Every row's token from its most likely tokens alone, or None when some row's nucleus is not
+        unambiguously among them (then the full sort decides)."""
+        vocabulary = probabilities.shape[-1]
+        for count in self.CANDIDATES:
+            if count >= vocabulary:
+                return None
+            values, indices = (t.cpu() for t in probabilities.topk(count, dim=-1))
+            cumulative = values.cumsum(dim=-1)
+            reached = cumulative >= self.top_p + self.MARGIN
+            last = reached.int().argmax(dim=-1)  # the nucleus ends at or before this position
+            ties = values[:, :-1] <= values[:, 1:]
+            first_tie = torch.where(ties.any(dim=-1), ties.int().argmax(dim=-1), count - 1)
+            if bool((reached.any(dim=-1) & (last < count - 1) & (first_tie > last)).all()):
+                weights = values * ((cumulative - values) < self.top_p)
+                picks = (weights / noise[:, :count]).argmax(dim=-1, keepdim=True)
+                return indices.gather(1, picks).squeeze(1)
+            if float(cumulative[:, -1].min()) < self.top_p / 4:  # a flat row: its nucleus is far larger
+                return None
+        return None
+
+    def from_full_sort(self, probabilities: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         sorted_probs, order = probabilities.sort(dim=-1, descending=True)
         cumulative = sorted_probs.cumsum(dim=-1)
         keep = (cumulative - sorted_probs) < self.top_p  # the smallest prefix reaching top_p (at least one)
-        sorted_probs = sorted_probs * keep
-        chosen = []
-        for row, generator in enumerate(self.generators[:scores.shape[0]]):
-            pick = torch.multinomial(sorted_probs[row], 1, generator=generator)
-            chosen.append(order[row, pick])
-        tokens = torch.cat(chosen).to(scores.device)
-        forced = torch.full_like(scores, float("-inf"))
-        forced.scatter_(1, tokens.unsqueeze(1), 0.0)
-        return forced
+        picks = ((sorted_probs * keep) / noise).argmax(dim=-1, keepdim=True)
+        return order.gather(1, picks).squeeze(1)
 
 
 class BlipItmFilter:

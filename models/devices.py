@@ -41,6 +41,24 @@ def is_cuda(device: str) -> bool:
     return str(device).split(":")[0] == "cuda"
 
 
+def out_of_memory_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a forward pass raises when the device runs out of memory (``torch.OutOfMemoryError``;
+    ``torch.cuda.OutOfMemoryError`` is the same class where both exist)."""
+    import torch
+
+    found = {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)}
+    return tuple(error for error in found if error is not None)
+
+
+def release_cached_memory(device: str) -> None:
+    """Hand the CUDA caching allocator's unused blocks back to the device (after running out of memory)."""
+    if is_cuda(device):
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
 def activation_budget(free: int, total: int, reserved_unused: int, allocated: int, share: float,
                       fraction: float) -> float:
     """Bytes a forward pass may use on top of what this process already holds (the weights): ``fraction`` of the
@@ -92,7 +110,10 @@ class ForwardBatchSizer:
     the peak memory it allocates on top of the weights is measured, and later passes take as many images as fit
     ``fraction`` of the memory this actor may use (see ``activation_budget``), never more than ``cap``; the
     per-image cost kept is the largest seen. Off CUDA, "auto" is ``cap``. The size does not change what is
-    computed (each image's outputs come from that image alone), at most its floating-point rounding on a GPU."""
+    computed (each image's outputs come from that image alone), at most its floating-point rounding on a GPU.
+
+    After a forward pass runs out of device memory, ``shrink`` halves that pass's size and keeps the result as a
+    ceiling for every later pass."""
 
     PROBE = 8
 
@@ -107,8 +128,13 @@ class ForwardBatchSizer:
         self.fixed = self.cap if setting in (0, "auto") else setting
         self.memory = (memory or CudaMemory(device)) if self.adaptive else None
         self.bytes_per_image, self.measured = 0.0, False
+        self.ceiling: int | None = None  # set after running out of memory: no pass takes more from then on
 
     def next_size(self, remaining: int) -> int:
+        size = self._size(remaining)
+        return size if self.ceiling is None else min(size, self.ceiling)
+
+    def _size(self, remaining: int) -> int:
         if not self.adaptive:
             return min(self.fixed, remaining)
         if not self.measured:
@@ -118,6 +144,14 @@ class ForwardBatchSizer:
         budget = activation_budget(free, total, self.memory.reserved() - allocated, allocated, self.share,
                                    self.fraction)
         return min(batch_size_for_memory(budget, self.bytes_per_image, self.cap), remaining)
+
+    def shrink(self, failed: int) -> int:
+        """A pass of ``failed`` images ran out of memory: half of it is the most any later pass takes. Returns
+        the new ceiling; a pass of one image cannot shrink (ValueError)."""
+        if failed <= 1:
+            raise ValueError("a forward pass of one image cannot be made smaller")
+        self.ceiling = failed // 2 if self.ceiling is None else min(self.ceiling, failed // 2)
+        return self.ceiling
 
     @contextlib.contextmanager
     def measure(self, size: int):

@@ -8,8 +8,9 @@ and exotic decoders (EPS via Ghostscript, and the like) are never reached from s
 here, at the call, and does not depend on ``PIL.Image.MAX_IMAGE_PIXELS`` (PIL's own limit still applies on top
 when it is lower).
 
-On CUDA the model stages decode on the device instead (``decode_on_device``: nvJPEG through torchvision, the
-header checked the same way first) and preprocess uint8 tensors there (``normalized_pixels``). torch is imported
+On CUDA the model actors decode JPEGs on the device instead (``decode_jpegs_on_device``: nvJPEG through
+torchvision, the header checked the same way first, PIL for whatever the device decoder refuses) and preprocess
+uint8 tensors there (``normalized_pixels``). torch is imported
 only by those functions: CPU-only stages import this module.
 """
 
@@ -92,49 +93,89 @@ def _device_jpeg_decoder(batch, device):
         return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_on_device(datas: list[bytes], size: int, device: str,
-                     fallback: Callable[[bytes, int], Image.Image], max_pixels: int = DEFAULT_MAX_PIXELS,
-                     decoder: Callable | None = None) -> list:
-    """Each image as a uint8 (3, size, size) tensor on ``device`` (shorter side to ``size``, centre crop).
+DEVICE_DECODE_MODES = ("L", "RGB")  # JPEG colour modes sent to the device decoder; CMYK and the rest go to PIL
+DEVICE_CHUNK_IMAGES = 64  # JPEGs per batched device decode call ...
+DEVICE_CHUNK_PIXELS = 1 << 28  # ... and at most this many decoded pixels (768 MiB as RGB) held before resizing
 
-    JPEGs whose header passes ``max_pixels`` are decoded on the device in one batched call
-    (``torchvision.io.decode_jpeg(..., device=device)``: nvJPEG on CUDA); if that call fails, each is tried alone.
-    Whatever is not a JPEG, and any JPEG the device decoder refuses (CMYK, a damaged stream, ...), is decoded by
-    ``fallback(data, size)`` on the CPU (the decode stage's PIL draft decode) and copied to the device; so is an
-    image over ``max_pixels``, which the fallback refuses with ``ImageTooLarge``. ``decoder(list_of_byte_tensors,
-    device)`` replaces torchvision's decoder (tests).
-    """
-    import torch
 
-    decoder = decoder or _device_jpeg_decoder
-    on_device: dict[int, torch.Tensor] = {}
-    candidates = []
+def device_jpeg_candidates(datas: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[int, tuple[int, int]]:
+    """{index: (width, height)} of the images worth sending to the device decoder: JPEGs whose header PIL reads,
+    declaring at most ``max_pixels`` pixels, in a colour mode the device decoder turns into RGB. Only headers are
+    read; everything else is left to the CPU decoder, which gives it its own verdict."""
+    candidates = {}
     for i, data in enumerate(datas):
         if not is_jpeg(data):
             continue
         try:
             with open_bounded(data, max_pixels, formats=("JPEG",)) as image:
-                if image.format != "JPEG":
-                    continue
-        except Exception:  # noqa: BLE001 - the fallback gives this image's real error
+                if image.format == "JPEG" and image.mode in DEVICE_DECODE_MODES:
+                    candidates[i] = image.size
+        except Exception:  # noqa: BLE001 - the CPU decoder gives this image its real error
             continue
-        candidates.append(i)
-    if candidates:
-        encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in candidates]
-        try:
-            decoded = decoder(encoded, device)
-        except Exception:  # noqa: BLE001 - one bad stream fails the whole batched call: try them one by one
-            decoded = []
-            for tensor in encoded:
-                try:
-                    decoded.append(decoder([tensor], device)[0])
-                except Exception:  # noqa: BLE001 - decoded on the CPU below
-                    decoded.append(None)
-        for i, pixels in zip(candidates, decoded):
-            if pixels is not None and pixels.ndim == 3 and pixels.shape[0] == 3:
-                on_device[i] = resize_square(pixels, size)
-    return [on_device[i] if i in on_device else pil_to_tensor(fallback(data, size), device)
-            for i, data in enumerate(datas)]
+    return candidates
+
+
+def _decode_chunk(encoded: list, device, decoder: Callable) -> list:
+    """The device decoder on a list of encoded streams; if the batched call fails, each stream alone (None where
+    it fails too)."""
+    try:
+        return list(decoder(encoded, device))
+    except Exception:  # noqa: BLE001 - one bad stream fails the whole batched call: try them one by one
+        decoded = []
+        for tensor in encoded:
+            try:
+                decoded.append(decoder([tensor], device)[0])
+            except Exception:  # noqa: BLE001 - left to the CPU decoder
+                decoded.append(None)
+        return decoded
+
+
+def decode_jpegs_on_device(datas: list[bytes], size: int, device: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                           decoder: Callable | None = None) -> list:
+    """Per image, a uint8 (3, size, size) tensor on ``device`` (shorter side to ``size``, centre crop) where the
+    device decoder decoded it, else None (not a JPEG, header unreadable, over ``max_pixels``, CMYK, or a stream
+    the decoder refused or decoded to another size than its header declares).
+
+    The candidates (``device_jpeg_candidates``: headers only) are decoded in batched calls
+    (``torchvision.io.decode_jpeg(..., device=device)``: nvJPEG on CUDA) of at most ``DEVICE_CHUNK_IMAGES``
+    images and ``DEVICE_CHUNK_PIXELS`` pixels, each chunk resized before the next is decoded, so full-size
+    decodes never pile up on the device. ``decoder(list_of_byte_tensors, device)`` replaces torchvision's (tests).
+    """
+    import torch
+
+    decoder = decoder or _device_jpeg_decoder
+    candidates = device_jpeg_candidates(datas, max_pixels)
+    results: list = [None] * len(datas)
+    chunks: list[list[int]] = []
+    held = 0
+    for i, (width, height) in candidates.items():
+        if not chunks or len(chunks[-1]) >= DEVICE_CHUNK_IMAGES or held + width * height > DEVICE_CHUNK_PIXELS:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(i)
+        held += width * height
+    for chunk in chunks:
+        encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in chunk]
+        for i, pixels in zip(chunk, _decode_chunk(encoded, device, decoder)):
+            width, height = candidates[i]
+            if pixels is not None and tuple(pixels.shape) == (3, height, width):
+                results[i] = resize_square(pixels, size)
+    return results
+
+
+def decode_on_device(datas: list[bytes], size: int, device: str,
+                     fallback: Callable[[bytes, int], Image.Image], max_pixels: int = DEFAULT_MAX_PIXELS,
+                     decoder: Callable | None = None) -> list:
+    """Each image as a uint8 (3, size, size) tensor on ``device`` (shorter side to ``size``, centre crop).
+
+    JPEGs are decoded on the device where ``decode_jpegs_on_device`` can; whatever is not a JPEG, and any JPEG
+    the device decoder refuses (CMYK, a damaged stream, ...), is decoded by ``fallback(data, size)`` on the CPU
+    (the decode stage's PIL draft decode) and copied to the device; so is an image over ``max_pixels``, which the
+    fallback refuses with ``ImageTooLarge``. ``decoder`` replaces torchvision's decoder (tests).
+    """
+    decoded = decode_jpegs_on_device(datas, size, device, max_pixels, decoder)
+    return [tensor if tensor is not None else pil_to_tensor(fallback(data, size), device)
+            for data, tensor in zip(datas, decoded)]
 
 
 def normalized_pixels(pixels, size: int, mean, std, channels_last: bool = False):

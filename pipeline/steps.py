@@ -21,6 +21,9 @@ Nothing here depends on how Ray groups rows into blocks: every function works on
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import time
@@ -283,28 +286,37 @@ def run_model_stage(ctx: RunContext, index: int, table: pa.Table) -> pa.Table:
     The inputs are made here, on the actor, and never leave it: the first model step records the input
     stages' annotations (decode errors are verdicts); later steps make the transient inputs again, for the
     samples still alive only."""
-    stages = ctx.stages()
-    plan = ctx.plan
     timer = StageTimer()
     started = time.process_time()
     table = with_carried_images(OutputDir(ctx.out_root), table)
     timer.add(READ_STAGE, time.process_time() - started, 0)
-    first = index == plan.models[0]
-    for position in plan.model_inputs:
-        stage = stages[position]
-        started = time.process_time()
-        if first:
-            table, _ = annotate_batch(table, stage, [stages[i] for i in plan.model_inputs if i < position])
-        else:
-            earlier = [stages[i] for i in plan.in_actors if i < index]
-            remade, _ = annotate_batch(table, stage, earlier)
-            for name in stage.transient_columns:
-                table = table.append_column(name, remade.column(name))
-        timer.add(stage.name, time.process_time() - started, 0)
+    return annotate_in_actor(table, ctx.stages(), ctx.plan, index, timer)
+
+
+def annotate_in_actor(table: pa.Table, stages: list[Stage], plan: StepPlan, index: int,
+                      timer: StageTimer) -> pa.Table:
+    """``run_model_stage`` once the image bytes are in ``table``: the input stages, then model stage ``index``
+    (on CUDA, inside the model stage's ``preparing_inputs``: the decode stage decodes on its device), then the
+    transient columns and the image bytes dropped and the CPU time booked to the rows."""
     stage = stages[index]
-    started = time.process_time()
-    table, _ = annotate_batch(table, stage, [stages[i] for i in plan.in_actors if i < index])
-    timer.add(stage.name, time.process_time() - started, 0)
+    first = index == plan.models[0]
+    inputs = [stages[position] for position in plan.model_inputs]
+    preparing = getattr(stage, "preparing_inputs", None)
+    with preparing(inputs) if preparing is not None else contextlib.nullcontext():
+        for position in plan.model_inputs:
+            maker = stages[position]
+            started = time.process_time()
+            if first:
+                table, _ = annotate_batch(table, maker, [stages[i] for i in plan.model_inputs if i < position])
+            else:
+                earlier = [stages[i] for i in plan.in_actors if i < index]
+                remade, _ = annotate_batch(table, maker, earlier)
+                for name in maker.transient_columns:
+                    table = table.append_column(name, remade.column(name))
+            timer.add(maker.name, time.process_time() - started, 0)
+        started = time.process_time()
+        table, _ = annotate_batch(table, stage, [stages[i] for i in plan.in_actors if i < index])
+        timer.add(stage.name, time.process_time() - started, 0)
     transient = [name for i in plan.model_inputs for name in stages[i].transient_columns]
     table = table.drop_columns([c for c in [*transient, "image"] if c in table.column_names])
     n = table.num_rows

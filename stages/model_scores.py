@@ -3,25 +3,32 @@ on a GPU where the cluster has one and on the CPU otherwise, with the same code;
 passed every earlier stage.
 
 On CPU a stage reads PIL images (the decode stage's pixels, or decoded here) and the models preprocess them as
-their libraries do. On CUDA the images travel to the device as uint8 (the decode stage's pixels, or JPEGs decoded
-there by nvJPEG when no decode stage ran, with PIL as the fallback) and are resized and normalised there, in
-channels-last layout, under the stage's autocast precision; forward passes can be sized from the free GPU memory
-(``resources.forward_batch: auto``)."""
+their libraries do. On CUDA the images reach the device as uint8: JPEGs decoded there by nvJPEG (by the decode stage
+running in the actor, or here when no decode stage ran), with PIL's decode, copied over, for every image nvJPEG
+does not take; they are resized and normalised there, in channels-last layout, under the stage's autocast
+precision; forward passes can be sized from the free GPU memory (``resources.forward_batch: auto``), and a pass
+that runs out of device memory is run again at half the size."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import zlib
+from typing import Callable
 
 import polars as pl
 import pyarrow as pa
 
-from models.devices import ForwardBatchSizer, is_cuda, resolve_device
+from models.devices import (ForwardBatchSizer, is_cuda, out_of_memory_errors, release_cached_memory,
+                            resolve_device)
 from pipeline.settings import ConfigError
 from stages.base import SampleBatch, Stage, StageParams, StageResources, first_reason
-from stages.image_decode import PIXELS, batch_images, decode_square
+from stages.image_decode import DEVICE_PIXELS, HELD_PIXELS, PIXELS, batch_images, decode_square
 from stages.semantic_dedup import EMBEDDING_COLUMN
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -69,6 +76,7 @@ class ModelStage(Stage):
             raise ValueError(f"precision must be bf16, fp16 or fp32, got {params.precision!r}")
         self._model = None
         self._sizer: ForwardBatchSizer | None = None
+        self._warned_out_of_memory = False
 
     @property
     def device(self) -> str:
@@ -88,40 +96,86 @@ class ModelStage(Stage):
 
     def stage_images(self, batch: SampleBatch) -> list:
         """The batch's images: PIL images on CPU; uint8 (3, S, S) tensors on the device on CUDA, from the decode
-        stage's pixels or, when it did not run, decoded on the device (``models.imaging.decode_on_device``)."""
+        stage (decoded on the device, or its pixels copied there) or, when it did not run, decoded on the device
+        (``models.imaging.decode_on_device``)."""
         if not self.on_cuda:
             return batch_images(batch, self.params.image_size)
         return device_images(batch, self.params.image_size, self.device)
 
-    def sub_batches(self, batch: SampleBatch):
-        """(images, captions, keys) in forward passes of the size ``batch_sizer`` picks; the caller's work on each
-        slice happens between two steps of this generator, which is where the sizer measures it."""
+    def preparing_inputs(self, input_stages: list[Stage]) -> contextlib.ExitStack:
+        """Around the stages that make this stage's inputs in its actor, and this stage's own work on them: on
+        CUDA, a decode stage among them decodes on this stage's device (``DecodeStage.decoding_on``)."""
+        stack = contextlib.ExitStack()
+        device = self.device if self.on_cuda else None
+        for stage in input_stages:
+            decoding_on = getattr(stage, "decoding_on", None)
+            if decoding_on is not None:
+                stack.enter_context(decoding_on(device))
+        return stack
+
+    def forward_passes(self, batch: SampleBatch, work: Callable[[list, list, list], list]) -> list:
+        """``work(images, captions, keys)`` (one result per image) over the batch, in forward passes of the size
+        ``batch_sizer`` picks; the results in the batch's order.
+
+        A pass that runs out of device memory is run again on the same images at half its size, after the
+        allocator's cache is emptied, and no later pass is larger (one warning per actor); a pass of one image
+        that runs out of memory raises, and the sample is recorded as failed. Captions and ITM scores do not
+        depend on the pass sizes (each caption has its own seed); CLIP scores only by float32 rounding."""
         images = self.stage_images(batch)
         captions, keys = batch.captions, batch.keys
         sizer = self.batch_sizer()
+        results: list = []
         start = 0
         while start < len(images):
             step = sizer.next_size(len(images) - start)
-            with sizer.measure(step):
-                yield images[start:start + step], captions[start:start + step], keys[start:start + step]
+            part = slice(start, start + step)
+            done = self._forward(work, sizer, step, images[part], captions[part], keys[part])
+            if done is None:
+                self._after_out_of_memory(sizer, step)
+                continue
+            results += done
             start += step
+        return results
+
+    @staticmethod
+    def _forward(work, sizer: ForwardBatchSizer, step: int, images: list, captions: list, keys: list) -> list | None:
+        """One pass, or None when it ran out of memory (returning drops the failed pass's tensors, which the
+        exception's traceback holds, before the cache is emptied)."""
+        try:
+            with sizer.measure(step):
+                return work(images, captions, keys)
+        except out_of_memory_errors():
+            if step <= 1:
+                raise
+        return None
+
+    def _after_out_of_memory(self, sizer: ForwardBatchSizer, step: int) -> None:
+        release_cached_memory(self.device)
+        ceiling = sizer.shrink(step)
+        if not self._warned_out_of_memory:
+            self._warned_out_of_memory = True
+            LOG.warning("%s: out of device memory with %d images per forward pass; passes of at most %d from now "
+                        "on", self.name, step, ceiling)
 
 
 def device_images(batch: SampleBatch, size: int, device: str) -> list:
-    """uint8 (3, S, S) tensors on ``device``: the decode stage's pixels copied over (pinned, asynchronous), or,
-    for samples it did not decode, the image bytes decoded on the device (CPU PIL draft decode as the fallback
-    per image)."""
+    """uint8 (3, S, S) tensors on ``device``: the images the decode stage decoded on the device, its pixels
+    copied over (pinned, asynchronous), or, for samples it did not decode, the image bytes decoded on the device
+    (CPU PIL draft decode as the fallback per image)."""
     import torch
 
     from models.imaging import decode_on_device
 
     pixels = batch.annotation(PIXELS)
     sizes = batch.annotation("decode_size")
+    handles = batch.annotation(DEVICE_PIXELS)
     images: list = [None] * len(batch.index)
     by_size: dict[int, list[int]] = {}
     missing = []
     for i in range(len(images)):
-        if pixels is not None and pixels[i] is not None:
+        if handles is not None and handles[i] is not None:
+            images[i] = HELD_PIXELS.get(handles[i])
+        elif pixels is not None and pixels[i] is not None:
             by_size.setdefault(sizes[i], []).append(i)
         else:
             missing.append(i)
@@ -193,16 +247,17 @@ class ClipScoreStage(ModelStage):
 
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         scorer = self.load()
-        scores: list[float] = []
-        embeddings: list = []
-        for images, captions, _ in self.sub_batches(batch):
+
+        def work(images: list, captions: list[str], _keys: list[str]) -> list[tuple]:
             if self.on_cuda:
                 pair = scorer.score_and_embed_pixels(model_input(images, scorer.image_settings, self.device), captions)
             else:
                 pair = scorer.score_and_embed(images, captions)
-            scores += pair[0]
-            embeddings += list(pair[1]) if self.params.save_embeddings else [None] * len(pair[0])
-        return {"clip_score": scores, EMBEDDING_COLUMN: embeddings}
+            embeddings = list(pair[1]) if self.params.save_embeddings else [None] * len(pair[0])
+            return list(zip(pair[0], embeddings))
+
+        results = self.forward_passes(batch, work)
+        return {"clip_score": [score for score, _ in results], EMBEDDING_COLUMN: [e for _, e in results]}
 
     def reject_reason(self) -> pl.Expr:
         return first_reason((pl.col("clip_score") < self.params.threshold, "low_score"))
@@ -242,6 +297,8 @@ class CapFiltStage(ModelStage):
         super().__init__(params)
         if params.policy not in ("replace", "extra_pairs"):
             raise ValueError(f"policy must be 'replace' or 'extra_pairs', got {params.policy!r}")
+        if not params.top_p > 0.0:
+            raise ValueError(f"top_p must be above 0 (1: sample from every token), got {params.top_p}")
 
     def load(self):
         from models.blip import BlipCaptioner, BlipItmFilter
@@ -256,8 +313,8 @@ class CapFiltStage(ModelStage):
     def annotate(self, batch: SampleBatch) -> dict[str, list]:
         captioner, itm = self.load()
         n = self.params.num_captions
-        web_scores, synthetic, synthetic_scores = [], [], []
-        for images, captions, keys in self.sub_batches(batch):
+
+        def work(images: list, captions: list[str], keys: list[str]) -> list[tuple]:
             seeds = [zlib.crc32(key.encode("utf-8", "surrogatepass")) ^ self.params.seed for key in keys]
             pair_texts: list[str] = []
             if self.on_cuda:
@@ -274,14 +331,15 @@ class CapFiltStage(ModelStage):
                                for image in [image] * (1 + len(texts))]
                 pair_texts = [text for caption, texts in zip(captions, generated) for text in [caption, *texts]]
                 probabilities = itm.match_probability(pair_images, pair_texts)
-            offset = 0
-            for texts in generated:
-                web_scores.append(probabilities[offset])
-                synthetic.append(texts)
-                synthetic_scores.append(probabilities[offset + 1:offset + 1 + len(texts)])
+            results, offset = [], 0
+            for texts in generated:  # (web caption's p(match), synthetic captions, their p(match))
+                results.append((probabilities[offset], texts, probabilities[offset + 1:offset + 1 + len(texts)]))
                 offset += 1 + len(texts)
-        return {"capfilt_web_itm": web_scores, "capfilt_synthetic": synthetic,
-                "capfilt_synthetic_itm": synthetic_scores}
+            return results
+
+        results = self.forward_passes(batch, work)
+        return {"capfilt_web_itm": [web for web, _, _ in results], "capfilt_synthetic": [t for _, t, _ in results],
+                "capfilt_synthetic_itm": [scores for _, _, scores in results]}
 
     def reject_reason(self) -> pl.Expr:
         threshold = self.params.itm_threshold

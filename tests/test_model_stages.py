@@ -393,3 +393,265 @@ def test_channels_last_only_on_cuda(tiny):
     assert channels_last(on_cuda) and not channels_last(on_cpu)
     expected = (images[0].float() / 255 - 0.5) / 0.25
     assert torch.allclose(normalized_pixels(images[0][None], 48, *settings[1:])[0], expected, atol=1e-6)
+
+
+# --- the decode stage on the device, and forward passes that run out of device memory (exercised on CPU) --------
+
+
+def model_steps(stages, plan, captions, photos):
+    """The model steps of a recipe on in-memory samples, the way the model actors run them (``pipeline.steps``):
+    each step gets the image bytes, as the carry file hands them; returns the finished rows."""
+    from helpers import sample_table
+    from pipeline.curate import annotate_batch, finish_batch
+    from pipeline.steps import StageTimer, annotate_in_actor
+
+    table = sample_table(captions, photos)
+    for position in plan.source:
+        table, _ = annotate_batch(table, stages[position], stages[:position])
+    images = table.column("image")
+    for index in plan.models:
+        if "image" not in table.column_names:
+            table = table.append_column("image", images)
+        table = annotate_in_actor(table, stages, plan, index, StageTimer())
+    table = table.drop_columns([c for c in table.column_names if c.startswith("seconds:")])
+    return finish_batch(table, stages).to_pylist()
+
+
+def build_steps(entries):
+    from pipeline.steps import StepPlan
+
+    specs = parse_config({"stages": entries}, []).enabled_stages
+    return [spec.build() for spec in specs], StepPlan.of(specs)
+
+
+def hostile_images(photos):
+    """Real photos, and what a device JPEG decoder must not or cannot take: a PNG, a CMYK JPEG, a progressive
+    JPEG, a JPEG whose body is damaged, and a JPEG declaring more pixels than the decode stage allows."""
+    def encoded(image, **options):
+        buffer = io.BytesIO()
+        image.save(buffer, **options)
+        return buffer.getvalue()
+
+    photo = Image.open(io.BytesIO(photos[3]))
+    damaged = bytearray(photos[4])
+    damaged[len(damaged) // 3:] = b"\x00" * (len(damaged) - len(damaged) // 3)
+    return {
+        "photo0": photos[0], "photo1": photos[1], "photo2": photos[2],
+        "png": encoded(photo, format="PNG"),
+        "cmyk": encoded(photo.convert("CMYK"), format="JPEG", quality=90),
+        "progressive": encoded(photo, format="JPEG", quality=90, progressive=True),
+        "damaged": bytes(damaged),
+        "bomb": encoded(Image.new("RGB", (1200, 1000)), format="JPEG"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_decode_stage_decodes_on_the_device_and_keeps_cpu_verdicts_for_what_it_refuses(tiny, monkeypatch):
+    import models.imaging
+    from stages.image_decode import HELD_PIXELS
+    from stages.model_scores import ModelStage
+
+    photos, captions = real_photos(require(FLICKR / "flickr8k-00002.tar"), 5)
+    images = hostile_images(photos)
+    names, datas = list(images), list(images.values())
+    captions = (captions * 2)[:len(datas)]
+    refused = {images["progressive"], images["damaged"]}  # as nvJPEG refuses some streams
+    seen = []
+
+    def device_decoder(batch, device):
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        streams = [bytes(t.numpy()) for t in batch]
+        seen.extend(streams)
+        if refused & set(streams):
+            raise RuntimeError("nvjpeg: unsupported stream")
+        return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+
+    monkeypatch.setattr(models.imaging, "_device_jpeg_decoder", device_decoder)
+
+    def entries(on_device=True):
+        return [{"stage": "decode", "size": 32, "max_pixels": 1_000_000, "resources": {"on_device": on_device}},
+                clip_entry(tiny, image_size=32), capfilt_entry(tiny, itm_threshold=0.0)]
+
+    on_cpu = model_steps(*build_steps(entries()), captions, datas)
+    assert not seen  # on CPU the decode stage is what it always was
+    assert on_cpu == curate(entries(), captions, datas)
+    monkeypatch.setattr(ModelStage, "on_cuda", property(lambda self: True))
+    copied = model_steps(*build_steps(entries(on_device=False)), captions, datas)  # CPU decode, pixels copied
+    assert not seen
+    on_device = model_steps(*build_steps(entries()), captions, datas)
+    assert len(HELD_PIXELS) == 0  # released once the actor's batch is scored
+    # Headers are checked first: the bomb, the PNG and the CMYK JPEG never reach the device decoder.
+    assert set(seen) == {images[n] for n in ("photo0", "photo1", "photo2", "progressive", "damaged")}
+    verdicts = ["decode_error", "decode_size", "drop_reason", "error_stage"]
+    for cpu, device in zip(on_cpu, on_device):
+        assert {k: device.get(k) for k in verdicts} == {k: cpu.get(k) for k in verdicts}
+    by_name = dict(zip(names, on_device))
+    assert by_name["bomb"]["drop_reason"] == "decode:too_many_pixels"
+    assert by_name["damaged"]["drop_reason"] == "decode:undecodable_image"
+    scores = ["clip_score", "capfilt_web_itm", "capfilt_synthetic", "capfilt_synthetic_itm"]
+    for name, device, cpu_pixels in zip(names, on_device, copied):
+        if name in ("png", "cmyk", "progressive", "damaged", "bomb"):  # decoded by PIL: the CPU's very pixels
+            assert {k: device[k] for k in scores} == {k: cpu_pixels[k] for k in scores}, name
+        else:  # decoded on the device: the same pictures, resampled differently
+            assert device["clip_score"] == pytest.approx(cpu_pixels["clip_score"], abs=0.05)
+            assert device["capfilt_web_itm"] == pytest.approx(cpu_pixels["capfilt_web_itm"], abs=0.05)
+    seen.clear()
+    refused.update(images.values())  # a decoder that refuses everything: exactly the CPU decode's results
+    assert model_steps(*build_steps(entries()), captions, datas) == copied
+    assert seen
+
+
+def test_device_decode_chunks_bound_the_full_size_decodes(monkeypatch):
+    import torch
+
+    import models.imaging
+    from models.imaging import decode_jpegs_on_device
+
+    photos, _ = real_photos(require(FLICKR / "flickr8k-00002.tar"), 5)
+    calls = []
+
+    def device_decoder(batch, device):
+        calls.append(len(batch))
+        return [torch.zeros((3, *Image.open(io.BytesIO(bytes(t.numpy()))).size[::-1]), dtype=torch.uint8)
+                for t in batch]
+
+    monkeypatch.setattr(models.imaging, "DEVICE_CHUNK_IMAGES", 2)
+    decoded = decode_jpegs_on_device(photos, 16, "cpu", decoder=device_decoder)
+    assert calls == [2, 2, 1] and all(tuple(t.shape) == (3, 16, 16) for t in decoded)
+    calls.clear()
+    monkeypatch.setattr(models.imaging, "DEVICE_CHUNK_PIXELS", 1)  # one image per call, however small
+    decode_jpegs_on_device(photos, 16, "cpu", decoder=device_decoder)
+    assert calls == [1] * 5
+
+    def wrong_size(batch, device):  # a decode that disagrees with the header is not trusted
+        return [torch.zeros((3, 8, 8), dtype=torch.uint8) for _ in batch]
+
+    assert decode_jpegs_on_device(photos, 16, "cpu", decoder=wrong_size) == [None] * 5
+
+
+def annotate_twice(stages, captions, photos):
+    """Two batches through the same stage objects (one actor's life): the finished rows of each."""
+    from helpers import sample_table
+    from pipeline.curate import annotate_batch, finish_batch
+
+    rows = []
+    for half in (slice(0, 7), slice(7, None)):
+        table = sample_table(captions[half], photos[half])
+        for position, stage in enumerate(stages):
+            table, _ = annotate_batch(table, stage, stages[:position])
+        rows.append(finish_batch(table, stages).drop_columns(["image"]).to_pylist())
+    return rows
+
+
+def test_a_forward_pass_out_of_memory_is_run_again_at_half_the_size(tiny, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from models.blip import BlipCaptioner
+    from models.clip import ClipScorer
+
+    photos, captions = real_photos(require(FLICKR / "flickr8k-00002.tar"), 12)
+    resources = {"num_gpus": 0, "batch_size": 8}
+    entries = [{"stage": "decode", "size": 32}, clip_entry(tiny, image_size=32, resources=resources),
+               capfilt_entry(tiny, itm_threshold=0.0, resources=resources)]
+    reference = annotate_twice(build_steps(entries)[0], captions, photos)
+    sizes = {"clip": [], "captioner": []}
+    limits = {"clip": 5, "captioner": 2}
+
+    def limited(method, name):
+        def run(self, images, *args):
+            sizes[name].append(len(images))
+            if len(images) > limits[name]:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return method(self, images, *args)
+        return run
+
+    monkeypatch.setattr(ClipScorer, "score_and_embed", limited(ClipScorer.score_and_embed, "clip"))
+    monkeypatch.setattr(BlipCaptioner, "caption", limited(BlipCaptioner.caption, "captioner"))
+    stages = build_steps(entries)[0]
+    with caplog.at_level(logging.WARNING, logger="stages.model_scores"):
+        retried = annotate_twice(stages, captions, photos)
+    # The same captions and ITM scores; CLIP scores to float32 rounding (a matrix product's sum order depends on
+    # how many rows it has, on CPU and GPU alike).
+    for retried_rows, reference_rows in zip(retried, reference):
+        for row, expected in zip(retried_rows, reference_rows):
+            assert row["clip_score"] == pytest.approx(expected["clip_score"], abs=1e-6)
+            assert {**row, "clip_score": None} == {**expected, "clip_score": None}
+    # 7 images: 7 fails, then passes of 3 (7 // 2); the second batch starts at the smaller size.
+    assert sizes["clip"] == [7, 3, 3, 1, 3, 2]
+    assert sizes["captioner"] == [7, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # halved twice: 7, 3, then 1
+    warnings = [r.getMessage() for r in caplog.records if "out of device memory" in r.getMessage()]
+    assert len(warnings) == 2 and warnings[0].startswith("clip_score: out of device memory with 7 images")
+    assert [stage.batch_sizer().ceiling for stage in stages[1:]] == [3, 1]
+
+    limits["clip"] = 0  # not even one image fits: each sample fails alone, as any error in a model stage does
+    rows = annotate_twice(build_steps(entries)[0], captions, photos)[0]
+    assert all(row["error_stage"] == "clip_score" and row["drop_reason"] == "clip_score:error" for row in rows)
+    assert "OutOfMemoryError" in rows[0]["error_message"]
+
+
+def test_a_smaller_forward_batch_after_running_out_of_memory_caps_the_adaptive_size():
+    from models.devices import ForwardBatchSizer
+
+    gib = 2**30
+    memory = FakeCudaMemory(80 * gib, 2 * gib, gib // 4)
+    sizer = ForwardBatchSizer("auto", 4096, "cuda", memory=memory)
+    assert run_sizer(sizer, memory, 300) == [8, 249, 43]
+    assert sizer.shrink(249) == 124
+    assert run_sizer(sizer, memory, 300) == [124, 124, 52]  # the measured budget would allow 249
+    assert sizer.shrink(200) == 100 and sizer.shrink(124) == 62  # the smallest ceiling holds
+    with pytest.raises(ValueError):
+        sizer.shrink(1)
+
+
+class MultinomialPerRow:
+    """Nucleus sampling one row at a time with ``torch.multinomial`` and each row's generator: what the
+    captioner's sampler must draw, token for token."""
+
+    def __init__(self, seeds, top_p):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF) for seed in seeds]
+        self.top_p = top_p
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        probabilities = scores.float().softmax(dim=-1).cpu()
+        sorted_probs, order = probabilities.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        sorted_probs = sorted_probs * ((cumulative - sorted_probs) < self.top_p)
+        tokens = torch.cat([order[row, torch.multinomial(sorted_probs[row], 1, generator=generator)]
+                            for row, generator in enumerate(self.generators[:scores.shape[0]])])
+        forced = torch.full_like(scores, float("-inf"))
+        return forced.scatter_(1, tokens.unsqueeze(1), 0.0)
+
+
+def test_sampler_draws_what_multinomial_draws_row_by_row(tiny, monkeypatch):
+    import torch
+
+    import models.blip
+    from models.blip import BlipCaptioner, PerRowNucleusSampler
+
+    generator = torch.Generator().manual_seed(7)
+    steps = {"candidates": 0, "full_sort": 0}
+    for vocabulary, rows, sharpness in [(100, 6, 1.0), (100, 6, 8.0), (30524, 9, 1.0), (30524, 9, 9.0)]:
+        for top_p in (0.5, 0.9, 1.0):
+            seeds = [1_000 * vocabulary + row for row in range(rows)]
+            expected, sampler = MultinomialPerRow(seeds, top_p), PerRowNucleusSampler(seeds, top_p)
+            for step in range(5):  # the generators stay in step over a whole caption
+                scores = torch.randn(rows, vocabulary, generator=generator) * sharpness
+                if step == 2:
+                    scores[:, :4] = scores.max() + 1.0  # ties at the top: their order is the sort's
+                assert torch.equal(sampler(None, scores), expected(None, scores)), (vocabulary, sharpness, top_p)
+            steps = {way: steps[way] + count for way, count in sampler.steps.items()}
+    assert steps["candidates"] >= 20 and steps["full_sort"] >= 20  # both ways were compared
+
+    photos, _ = real_photos(require(FLICKR / "flickr8k-00002.tar"), 4)
+    images = [decode_square(data, 32) for data in photos]
+    captioner = BlipCaptioner(tiny["blip"]["captioner"], max_length=12)
+    captions = captioner.caption(images, 3, [11, 22, 33, 44])
+    monkeypatch.setattr(models.blip, "PerRowNucleusSampler", MultinomialPerRow)
+    assert captioner.caption(images, 3, [11, 22, 33, 44]) == captions
