@@ -36,7 +36,8 @@ NODE_OBJECT_STORE_BYTES = 200 * 1024 * 1024
 # every three seconds): its tasks are retried elsewhere that much sooner.
 HEALTH_CHECKS = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
                  "health_check_failure_threshold": 5}
-STEP_TITLE = "MapBatches("  # in a Ray worker's process title while it runs one of vlcurate's steps
+# In a Ray worker's process title while it runs one of vlcurate's steps: a rule task, or a Ray Data step.
+STEP_TITLES = ("curate_shards", "MapBatches(")
 POLL_SECONDS = 0.05
 SUMMARY_MARK = "cluster-run: "  # starts each summary line (Ray prints its nodes' logs on the same output)
 
@@ -172,7 +173,7 @@ def _steps_running(raylet: int) -> set[str]:
             title = " ".join(child.cmdline()).strip()
         except psutil.Error:
             continue
-        if title.startswith("ray::") and STEP_TITLE in title:
+        if title.startswith("ray::") and any(step in title for step in STEP_TITLES):
             titles.add(title.removeprefix("ray::").removesuffix(".submit"))
     return titles
 
