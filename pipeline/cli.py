@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -34,6 +35,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("vlcurate: interrupted; rerun the same command to finish the remaining shards", file=sys.stderr)
         return 130
+
+
+def entry() -> None:
+    """The ``vlcurate`` command: ``main``, then Ray shut down (its lines filtered like the command's) and a quick
+    exit. By then the outputs are committed, the lease released and every stream flushed; the interpreter's own
+    teardown after Ray's takes about a second and does nothing a finished command needs."""
+    code = main()
+    if "ray" in sys.modules:
+        import ray
+
+        with RayLinesFiltered():
+            if ray.is_initialized():
+                ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,4 +362,4 @@ def cmd_status(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
