@@ -1,17 +1,19 @@
 """Deduplication: recall and precision against ground truth, hashing speed, and the global search at scale.
 
-    .venv/bin/python bench/dedup.py [--samples 6000] [--rules 3:6:7:10 3:6:-1:-1 ...] [--hashes 1000000]
+    .venv/bin/python bench/dedup.py [--samples 6000] [--rules 3:6:7:10:7.5 3:6:-1:-1 ...] [--hashes 1000000]
                                     [--scale-rules 3:-1 3:7 ...] [--skip quality speed scale]
 
 Prints three tables:
 
-1. Quality per rule ``MAX_HAMMING:MAX_CHROMA_HAMMING:CROP_HAMMING:CROP_CHROMA_HAMMING`` (-1: no colour check,
-   no crop matching), with the dedup stage's own hashing and the global search (``pipeline.dedup``):
+1. Quality per rule ``MAX_HAMMING:MAX_CHROMA_HAMMING:CROP_HAMMING:CROP_CHROMA_HAMMING:CROP_MAX_RESIDUAL`` (-1,
+   or a field left out: no colour check, no crop matching, no thumbnail check), with the dedup stage's own
+   hashing and the global search (``pipeline.dedup``):
    * on `vlcurate synth` data with duplicate noise (copies of earlier samples: byte-identical, re-encoded at JPEG
      quality 60-90, resized to 50-90%, cropped by up to 10% per side; look-alikes: the same scene with the shape
      moved): a copy is *found* when it matches its original (same bytes, whole-image hashes within the
      distances, or one's pHash within the crop distances of one of the other's windows with its differing key
-     bits among the probed ones: what the search finds); *look-alikes apart*: the share of look-alikes not
+     bits among the probed ones and, with a residual, their thumbnails aligned within it: what the search finds);
+     *look-alikes apart*: the share of look-alikes not
      grouped with their original; *distinct never merged*: the share of non-copy images whose group holds no
      other non-copy image; *across layouts*: the same, counting only merges with a scene of another layout
      (shape position or size): synthetic scenes of one layout that differ only in colour, shape outline or
@@ -24,12 +26,13 @@ Prints three tables:
    photo cannot be hashed in 1 ms: the draft decode's cost fitted over compressed bytes and pixels (the entropy
    decoder's throughput), and the embedded EXIF thumbnails (how many, how close their hashes, their cost).
 3. The global search over random fingerprints (63-bit pHashes, 64-bit chroma hashes, 16 window hashes of each,
-   7 probe bits) in Parquet manifests of a throw-away output directory, with planted near-duplicates (1 to
-   ``max_hamming`` bits flipped: all must be found), planted far copies (``max_hamming + 1`` to ``+ 3`` bits:
-   none may be) and planted crops (a pHash within the crop distance of another sample's window, differing in key
-   bits only where probed: all must be found): seconds to read the manifests lazily and to search (wall clock,
-   and CPU seconds of all the process's threads: on a shared machine the wall clock also counts other people's
-   work), and the peak resident memory of the process.
+   7 probe bits, smooth random thumbnails) in Parquet manifests of a throw-away output directory, with planted
+   near-duplicates (1 to ``max_hamming`` bits flipped: all must be found), planted far copies
+   (``max_hamming + 1`` to ``+ 3`` bits: none may be) and planted crops (a pHash within the crop distance of
+   another sample's window, differing in key bits only where probed, with that window's box of its thumbnail:
+   all must be found, with the stage's default ``crop_max_residual``): seconds to read the manifests lazily and
+   to search (wall clock, and CPU seconds of all the process's threads: on a shared machine the wall clock also
+   counts other people's work), and the peak resident memory of the process.
 """
 
 from __future__ import annotations
@@ -54,13 +57,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.imaging import open_bounded  # noqa: E402
-from pipeline.dedup import SAMPLE_SCHEMA, candidate_samples, find_duplicates, preference_order  # noqa: E402
+from pipeline.dedup import (SAMPLE_SCHEMA, ManifestThumbnails, candidate_samples, crop_residuals,  # noqa: E402
+                            find_duplicates, preference_order, thumbnail_array)
 from pipeline.outputs import OutputDir, manifest_bytes  # noqa: E402
 from pipeline.shards import iter_sample_batches  # noqa: E402
 from pipeline.synth import COPY_TYPES, SynthOptions, copy_image, write_synth  # noqa: E402
 from stages.base import SampleBatch  # noqa: E402
-from stages.dedup import (KEY_BITS, WINDOWS, DedupParams, DedupStage, fingerprint as image_fingerprint,  # noqa: E402
-                          hamming, hash_planes, perceptual_hashes)
+from stages.dedup import (CUT_PAIRS, KEY_BITS, THUMBNAIL_SIDE, WINDOWS, DedupParams, DedupStage,  # noqa: E402
+                          area_matrix, fingerprint as image_fingerprint, hamming, hash_planes, perceptual_hashes)
 
 SHARED = ROOT.parent / "shared" / "data"
 KINDS = [name.removeprefix("duplicate_") for name in COPY_TYPES]
@@ -81,17 +85,19 @@ def fingerprint(samples: list[dict]) -> pl.DataFrame:
         "phash": values["dedup_phash"], "chroma": values["dedup_chroma_hash"],
         "caption_hash": values["dedup_caption_hash"],
         "score": [None] * len(samples), "probe": values["dedup_probe_bits"],
-        "windows": values["dedup_window_phash"], "window_chroma": values["dedup_window_chroma"]},
+        "windows": values["dedup_window_phash"], "window_chroma": values["dedup_window_chroma"],
+        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.String).str.decode("base64")},
         schema=SAMPLE_SCHEMA))
 
 
 def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int, crop: int = -1, crop_chroma: int = -1,
-            probed: bool = True) -> bool:
-    """Whether two (sha, pHash, chroma hash, probe bits, window pHashes, window chroma hashes) fingerprints match:
-    the same bytes, whole-image hashes within the distances, or one's pHash within the crop distances of one of
-    the other's windows. The near-duplicate search finds every such pair (tests/test_dedup.py checks it against
-    all pairs); the crop search finds a crop pair when the differing key bits are among the probed ones, which
-    this checks too (``probed``), so this is the recall of the search itself."""
+            residual: float = -1, probed: bool = True) -> bool:
+    """Whether two (sha, pHash, chroma hash, probe bits, window pHashes, window chroma hashes, thumbnail)
+    fingerprints match: the same bytes, whole-image hashes within the distances, or one's pHash within the crop
+    distances of one of the other's windows and, unless ``residual`` is -1, the thumbnails within it once aligned
+    at those windows. The near-duplicate search finds every such pair (tests/test_dedup.py checks it against all
+    pairs); the crop search finds a crop pair when the differing key bits are among the probed ones, which this
+    checks too (``probed``), so this is the recall of the search itself."""
     if a[0] == b[0]:
         return True
     if a[1] is None or b[1] is None:
@@ -102,19 +108,31 @@ def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int, crop: int = -
     if crop < 0 or max_hamming < 0:  # max_hamming -1: byte-identical copies only
         return False
     for query, original in ((a, b), (b, a)):
-        for window, colour in zip(original[4], original[5]):
+        matched = 0
+        for slot, (window, colour) in enumerate(zip(original[4], original[5])):
             if hamming(query[1], window) <= crop and (crop_chroma < 0 or hamming(query[2], colour) <= crop_chroma):
                 differing = (query[1] ^ window) & KEY_BITS & ~query[3]
                 if differing == 0 or not probed:
-                    return True
+                    matched |= 1 << slot
+        if matched and (residual < 0 or aligned(query[6], original[6], matched, residual)):
+            return True
     return False
+
+
+def aligned(crop: bytes | None, original: bytes | None, matched: int, residual: float) -> bool:
+    """Whether a crop's thumbnail is within ``residual`` of its original's aligned at the ``matched`` windows
+    (as the search verifies it: a side without a thumbnail is not checked)."""
+    _, images = thumbnail_array(pl.Series([crop, original], dtype=pl.Binary))
+    if len(images) < 2:
+        return True
+    return bool(crop_residuals(images[:1], images[1:], np.array([matched]))[0] <= residual)
 
 
 def groups_of(frame: pl.DataFrame, rule: tuple) -> dict[str, str]:
     """Each sample's group: the "stem/key" of the sample kept for it (its own when it is kept)."""
-    max_hamming, max_chroma, crop, crop_chroma = rule
+    max_hamming, max_chroma, crop, crop_chroma, residual = rule
     duplicates = find_duplicates(frame, max_hamming, max_chroma_hamming=max_chroma, crop_hamming=crop,
-                                 crop_chroma_hamming=crop_chroma)
+                                 crop_chroma_hamming=crop_chroma, crop_max_residual=residual)
     named = frame.select((pl.col("stem") + "/" + pl.col("key")).alias("name"), "shard", "position")
     joined = named.join(duplicates, on=["shard", "position"], how="left")
     return dict(zip(joined["name"], joined["dedup_duplicate_of"].fill_null(joined["name"])))
@@ -183,21 +201,22 @@ def share(pair: tuple[int, int]) -> str:
 
 
 def quality_table(sets: dict[str, list[dict]], rules: list[tuple[int, int]]) -> None:
-    header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}{'crop':>6}{'c.chr':>6}" + "".join(f"{k:>11}" for k in KINDS)
+    header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}{'crop':>6}{'c.chr':>6}{'resid':>6}"
+              + "".join(f"{k:>11}" for k in KINDS)
               + f"{'look-alikes apart':>19}{'distinct never merged':>23}{'(across layouts)':>18}")
     print(header)
     for label, samples in sets.items():
         frame = fingerprint(samples)
         fingerprints = {f"{row[0]}/{row[1]}": row[2:] for row in frame.select(
-            "stem", "key", "sha", "phash", "chroma", "probe", "windows", "window_chroma").iter_rows()}
+            "stem", "key", "sha", "phash", "chroma", "probe", "windows", "window_chroma", "thumbnail").iter_rows()}
         with_layout = any(s.get("layout") for s in samples)
         for rule in rules:
             result = quality(samples, groups_of(frame, rule), fingerprints, rule)
             layout = share(result["across_layouts"]) if with_layout else "-"
-            print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}{rule[2]:>6}{rule[3]:>6}"
+            print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}{rule[2]:>6}{rule[3]:>6}{rule[4]:>6g}"
                   + "".join(f"{share(result['found'][k]):>11}" for k in KINDS)
                   + f"{share(result['apart']):>19}{share(result['distinct']):>23}{layout:>18}")
-        print(f"{'':<8}{'(samples)':>31}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
+        print(f"{'':<8}{'(samples)':>37}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
               + f"{result['apart'][1]:>19}{result['distinct'][1]:>23}")
 
 
@@ -310,14 +329,37 @@ def decode_floor(photos: list[bytes], repeat: int) -> None:
 
 # ------------------------------------------------------------------------------------ search at scale
 
+THUMBNAIL_SEED = 6  # planted thumbnails: a random 6 x 6 grid, interpolated to the thumbnail's side
+
+
+def smooth(seeds: np.ndarray) -> np.ndarray:
+    """Thumbnails (n x side x side uint8) interpolated linearly from n x 6 x 6 grids of grey levels."""
+    position = np.linspace(0, THUMBNAIL_SEED - 1, THUMBNAIL_SIDE)
+    low = np.minimum(position.astype(int), THUMBNAIL_SEED - 2)
+    weights = np.zeros((THUMBNAIL_SIDE, THUMBNAIL_SEED))
+    weights[np.arange(THUMBNAIL_SIDE), low] = 1 - (position - low)
+    weights[np.arange(THUMBNAIL_SIDE), low + 1] = position - low
+    return np.rint(weights @ seeds.astype(np.float64) @ weights.T).astype(np.uint8)
+
+
+def window_thumbnail(thumbnail: np.ndarray, window: int) -> np.ndarray:
+    """A thumbnail's window ``window`` resampled to a whole thumbnail: the thumbnail of that crop."""
+    (top, bottom), (left, right) = CUT_PAIRS[window // len(CUT_PAIRS)], CUT_PAIRS[window % len(CUT_PAIRS)]
+    rows = area_matrix(THUMBNAIL_SIDE, top, bottom, THUMBNAIL_SIDE)
+    cols = area_matrix(THUMBNAIL_SIDE, left, right, THUMBNAIL_SIDE)
+    return np.rint(rows @ thumbnail.astype(np.float64) @ cols.T).astype(np.uint8)
+
+
 def planted_hashes(count: int, max_hamming: int, crop_hamming: int, seed: int = 0) -> dict:
     """``count`` random fingerprints: 63-bit pHashes, 64-bit chroma hashes, ``WINDOWS`` random window hashes of
-    each kind and 7 random probe bits among the key bits. 1% are near copies (1..max_hamming pHash bits flipped,
-    the same chroma hash) of others, 0.5% far copies (max_hamming + 1 .. + 3 bits flipped) and, when
-    ``crop_hamming`` >= 0, 0.5% crops: a pHash within 1..crop_hamming bits of one of another sample's windows
-    (bits outside the key or among the crop's probe bits: the crops the search finds by design), with that
-    window's chroma hash."""
+    each kind, 7 random probe bits among the key bits and a smooth random thumbnail. 1% are near copies
+    (1..max_hamming pHash bits flipped, the same chroma hash and thumbnail) of others, 0.5% far copies
+    (max_hamming + 1 .. + 3 bits flipped) and, when ``crop_hamming`` >= 0, 0.5% crops: a pHash within
+    1..crop_hamming bits of one of another sample's windows (bits outside the key or among the crop's probe bits:
+    the crops the search finds by design), with that window's chroma hash and its box of the thumbnail."""
     rng = np.random.default_rng(seed)
+    seeds = rng.integers(0, 256, (count, THUMBNAIL_SEED, THUMBNAIL_SEED), dtype=np.uint8)
+    thumbnails = {}  # of the crops: not interpolated from a grid
     hashes = rng.integers(0, 2**63, count, dtype=np.int64)
     chroma = rng.integers(-(2**63), 2**63 - 1, count, dtype=np.int64)
     windows = rng.integers(0, 2**63, (count, WINDOWS), dtype=np.int64)
@@ -334,16 +376,19 @@ def planted_hashes(count: int, max_hamming: int, crop_hamming: int, seed: int = 
                                                                                           max_hamming + 4)
             value, allowed = int(hashes[source]), np.arange(63)
             chroma[target] = chroma[source]
+            seeds[target] = seeds[source]
         else:
             window = int(rng.integers(0, WINDOWS))
             flips, value = rng.integers(1, crop_hamming + 1), int(windows[source, window])
             allowed = np.array([bit for bit in range(63) if not KEY_BITS >> bit & 1 or int(probes[target]) >> bit & 1])
             chroma[target] = window_chroma[source, window]
+            thumbnails[int(target)] = window_thumbnail(smooth(seeds[source:source + 1])[0], window)
         for bit in rng.choice(allowed, int(flips), replace=False):
             value ^= 1 << int(bit)
         hashes[target] = value
     pairs = list(zip(sources.tolist(), targets.tolist()))
     return {"hashes": hashes, "chroma": chroma, "probes": probes, "windows": windows, "window_chroma": window_chroma,
+            "seeds": seeds, "thumbnails": thumbnails,
             "near": pairs[:near], "far": pairs[near:near + far], "crop": pairs[near + far:]}
 
 
@@ -359,13 +404,21 @@ def write_manifests(out: OutputDir, planted: dict, shards: int) -> None:
         size = len(part)
         lists = {name: pa.FixedSizeListArray.from_arrays(planted[name][rows].ravel(), WINDOWS).cast(
             pa.list_(pa.int64())) for name in ("windows", "window_chroma")}
+        thumbnails = smooth(planted["seeds"][rows])
+        for target, thumbnail in planted["thumbnails"].items():
+            if index * per_shard <= target < index * per_shard + size:
+                thumbnails[target - index * per_shard] = thumbnail
+        side = THUMBNAIL_SIDE * THUMBNAIL_SIDE
+        raw = pa.FixedSizeBinaryArray.from_buffers(pa.binary(side), size, [None, pa.py_buffer(thumbnails.tobytes())])
+        encoded = pl.Series(raw.cast(pa.binary())).bin.encode("base64").to_arrow()
         table = pa.table({
             "key": [f"k{i:07d}" for i in range(size)], "shard": [f"/in/{stem}.tar"] * size,
             "position": pa.array(range(size), pa.int32()), "read_error": pa.nulls(size, pa.string()),
             "dedup_sha256": [f"{(int(h) * 0x9E3779B97F4A7C15) % 2**64:016x}" + "0" * 48 for h in part],
             "dedup_phash": pa.array(part, pa.int64()), "dedup_chroma_hash": pa.array(planted["chroma"][rows]),
             "dedup_probe_bits": pa.array(planted["probes"][rows]), "dedup_window_phash": lists["windows"],
-            "dedup_window_chroma": lists["window_chroma"], "dedup_caption_hash": pa.nulls(size, pa.int64()),
+            "dedup_window_chroma": lists["window_chroma"], "dedup_thumbnail": encoded,
+            "dedup_caption_hash": pa.nulls(size, pa.int64()),
         })
         out.write_bytes(out.manifest_name(stem), manifest_bytes(table))
         out.write_json(out.done_name(stem), {"source": f"/in/{stem}.tar", "total": size})
@@ -378,7 +431,7 @@ def search_at_scale(count: int, max_hamming: int, crop_hamming: int, shards: int
     with tempfile.TemporaryDirectory() as folder:
         out = OutputDir(folder)
         write_manifests(out, planted, shards)
-        for name in ("hashes", "chroma", "probes", "windows", "window_chroma"):
+        for name in ("hashes", "chroma", "probes", "windows", "window_chroma", "seeds", "thumbnails"):
             del planted[name]
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         params = DedupParams(max_hamming=max_hamming, crop_hamming=crop_hamming)
@@ -387,7 +440,8 @@ def search_at_scale(count: int, max_hamming: int, crop_hamming: int, shards: int
         samples = candidate_samples(out, [stage], 0)
         loaded, cpu_loaded = time.perf_counter(), time.process_time()
         duplicates = find_duplicates(samples, max_hamming, params.scope, params.max_chroma_hamming, crop_hamming,
-                                     params.crop_chroma_hamming)
+                                     params.crop_chroma_hamming, crop_max_residual=params.crop_max_residual,
+                                     thumbnails=ManifestThumbnails(out))
         searched, cpu_searched = time.perf_counter(), time.process_time()
     per_shard = -(-count // shards)
 
@@ -432,10 +486,11 @@ def scale_table(count: int, rules: list[tuple[int, int]], shards: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=6000, help="synthetic samples for the quality table")
-    parser.add_argument("--rules", nargs="+", default=["3:-1:-1:-1", "3:6:-1:-1", "4:6:-1:-1", "3:6:5:10", "3:6:6:10",
-                                                       "3:6:7:10", "3:6:6:-1"],
-                        help="MAX_HAMMING:MAX_CHROMA_HAMMING[:CROP_HAMMING:CROP_CHROMA_HAMMING] for the quality "
-                             "table (-1: no colour check, no crop matching)")
+    parser.add_argument("--rules", nargs="+", default=["3:-1:-1:-1", "3:6:-1:-1", "4:6:-1:-1", "3:6:6:10", "3:6:7:10",
+                                                       "3:6:6:10:7.5", "3:6:7:10:7.5", "3:6:8:10:7.5"],
+                        help="MAX_HAMMING:MAX_CHROMA_HAMMING[:CROP_HAMMING:CROP_CHROMA_HAMMING[:CROP_MAX_RESIDUAL]] "
+                             "for the quality table (-1 or left out: no colour check, no crop matching, no "
+                             "thumbnail check)")
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--scale-rules", nargs="+", default=["3:-1", "3:6", "4:6"],
                         help="MAX_HAMMING:CROP_HAMMING pairs for the search at scale (-1: no crop matching)")
@@ -457,8 +512,9 @@ def main() -> None:
             sets = {"synth": synth_samples(Path(folder), args.samples)}
             if (SHARED / "flickr8k").is_dir():
                 sets["real"] = real_samples()
-            rules = [tuple(int(x) for x in rule.split(":")) for rule in args.rules]
-            quality_table(sets, [rule + (-1, -1)[: 4 - len(rule)] for rule in rules])
+            rules = [tuple(float(x) if index == 4 else int(x) for index, x in enumerate(rule.split(":")))
+                     for rule in args.rules]
+            quality_table(sets, [rule + (-1,) * (5 - len(rule)) for rule in rules])
 
 
 if __name__ == "__main__":

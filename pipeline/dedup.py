@@ -30,6 +30,15 @@ same verdicts as one fresh run over all the shards.
   that is not among the 7 probed is missed (about 1% of the crops within the distances, on real photos). Cost:
   ``128 * 16 * N**2 / 2**24`` candidates for uniformly spread hashes (120 million for a million samples, about
   26 CPU seconds): see ``bench/dedup.py``.
+* **Crop verification** (``crop_max_residual``, unless -1): each crop pair found is checked on the two
+  samples' luma thumbnails (``stages.dedup``; read only for the samples in crop pairs): the original's
+  thumbnail is cut to a box and compared with the crop's, both resampled to ``COMPARE_SIDE`` x
+  ``COMPARE_SIDE``; the residual is the root-mean-square difference in grey levels left after the least-squares
+  gain and offset that map the box onto the crop (a brightness or contrast change is not a difference). The
+  box is searched near each matched window, in steps of 1.25% a side (``crop_residuals``), and the pair is kept
+  when its best residual is at most ``crop_max_residual``. Pairs where either sample has no thumbnail (manifests
+  written before crops were verified) are kept on their hashes. Cost: 0.1-0.2 ms a pair, plus reading the
+  thumbnails of those samples.
 * **Evaluation images** (``evaluation``): hashed when the search runs, and searched together with the samples
   first, with the same distances (scope ``image``: captions play no part); every sample that is an exact, near
   or crop duplicate of one of them is dropped (``dedup_duplicate_of``: ``evaluation/NAME``) and takes no part
@@ -43,8 +52,9 @@ same verdicts as one fresh run over all the shards.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import polars as pl
@@ -53,15 +63,18 @@ import pyarrow as pa
 from pipeline.curate import drop_reason_expr
 from pipeline.outputs import OutputDir
 from stages.base import Stage
-from stages.dedup import (KEY_BITS, VERDICT_COLUMNS, WINDOWS, DedupParams, DedupStage, ResolvedDedupStage,
-                          evaluation_images, fingerprint)
+from stages.dedup import (CUT_PAIRS, KEY_BITS, THUMBNAIL_SIDE, VERDICT_COLUMNS, WINDOWS, DedupParams, DedupStage,
+                          ResolvedDedupStage, area_matrix, evaluation_images, fingerprint)
 
 HASH_BITS = 64
 PAIR_BLOCK = 1 << 22  # candidate pairs compared at once: bounds the search's working memory (about 200 MiB)
 SAMPLE_SCHEMA = {"stem": pl.String, "shard": pl.String, "position": pl.Int64, "key": pl.String, "sha": pl.UInt64,
                  "phash": pl.Int64, "chroma": pl.Int64, "caption_hash": pl.Int64, "score": pl.Float64,
-                 "probe": pl.Int64, "windows": pl.List(pl.Int64), "window_chroma": pl.List(pl.Int64)}
-CROP_COLUMNS = ("probe", "windows", "window_chroma")  # absent from manifests written before crops were matched
+                 "probe": pl.Int64, "windows": pl.List(pl.Int64), "window_chroma": pl.List(pl.Int64),
+                 "thumbnail": pl.Binary}
+# Absent from manifests written before crops were matched (the thumbnail: before crop matches were verified).
+CROP_COLUMNS = ("probe", "windows", "window_chroma", "thumbnail")
+EVALUATION_STEM = "evaluation"  # the ``stem`` of evaluation images in the search's input
 RESULT_SCHEMA = {"shard": pl.String, "position": pl.Int64, "dedup_duplicate_of": pl.String,
                  "dedup_match": pl.String, "dedup_distance": pl.Int32}
 
@@ -199,26 +212,27 @@ def compact_keys(values: np.ndarray) -> np.ndarray:
 def crop_pairs(hashes: np.ndarray, probes: np.ndarray, windows: np.ndarray, max_distance: int,
                chroma: np.ndarray | None = None, window_chroma: np.ndarray | None = None, max_chroma: int = -1,
                groups: np.ndarray | None = None,
-               block: int = PAIR_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               block: int = PAIR_BLOCK) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pairs ``(i, j)``, ``i != j``, where hash ``i`` is within ``max_distance`` bits of one of the window hashes
     ``windows[j]`` (and ``chroma[i]`` within ``max_chroma`` bits of that window's ``window_chroma``, when
     given; ``groups`` equal, when given) and differs from it, among the key bits, only in bits set in
     ``probes[i]``: image ``i`` looks like a crop of image ``j``. The windows' keys are bucketed in a table
     addressed by the packed key (``2**24`` entries); each hash looks up its key with every combination of its
-    probe bits flipped, and the windows found are compared in full. Returns ``(i, j, distance)`` as int64
-    arrays sorted by ``(i, j)``, each pair once, with its closest window."""
+    probe bits flipped, and the windows found are compared in full. Returns ``(i, j, distance, matched)`` as
+    int64 arrays sorted by ``(i, j)``, each pair once, with the distance to its closest window and the mask of
+    every window of ``j`` that matched (bit ``k``: ``windows[j, k]``)."""
     values, masks = as_bits(hashes), as_bits(probes)
     table = as_bits(windows).ravel()
     colours = as_bits(window_chroma).ravel() if chroma is not None and max_chroma >= 0 else None
     queries_colour = as_bits(chroma) if colours is not None else None
     per_row = windows.shape[1] if windows.ndim == 2 else 1
-    found_i, found_j, found_d = [], [], []
+    found_i, found_j, found_d, found_w = [], [], [], []
     if len(values) >= 2 and len(table) and max_distance >= 0:
         keys = compact_keys(table)
         order = np.argsort(keys, kind="stable")
         offsets = np.zeros((1 << KEY_WIDTH) + 1, dtype=np.int64)
         np.cumsum(np.bincount(keys, minlength=1 << KEY_WIDTH), out=offsets[1:])
-        ordered, owners = table[order], order // per_row
+        ordered, owners, slots = table[order], order // per_row, (order % per_row).astype(np.uint8)
         ordered_colours = colours[order] if colours is not None else None
         del keys, order
         own_keys, own_masks = compact_keys(values), compact_keys(masks)
@@ -235,14 +249,99 @@ def crop_pairs(hashes: np.ndarray, probes: np.ndarray, windows: np.ndarray, max_
                 found_i.append(query[close])
                 found_j.append(owners[position][close])
                 found_d.append(distance[close])
+                found_w.append(slots[position][close])
     if not found_i:
-        return np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.int64)
-    i, j, d = (np.concatenate(part).astype(np.int64) for part in (found_i, found_j, found_d))
+        return tuple(np.empty(0, np.int64) for _ in range(4))
+    i, j, d, w = (np.concatenate(part).astype(np.int64) for part in (found_i, found_j, found_d, found_w))
     order = np.lexsort((d, j, i))
-    i, j, d = i[order], j[order], d[order]
+    i, j, d, w = i[order], j[order], d[order], w[order]
     first = np.ones(len(i), dtype=bool)
     first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
-    return i[first], j[first], d[first]
+    starts = np.flatnonzero(first)
+    matched = np.bitwise_or.reduceat(np.left_shift(1, w), starts) if len(starts) else w[:0]
+    return i[first], j[first], d[first], matched
+
+
+# ------------------------------------------------------------------------------------ crop alignment
+
+COMPARE_SIDE = 12  # thumbnails are compared resampled to this side (below the stored side: both equally blurred)
+CUT_STEP = 0.0125  # the alignment search moves each side of the box by multiples of this share
+CUT_VALUES = 9  # cuts of 0 to 10% per side, in CUT_STEPs
+SEARCH_REACH = 2  # ... at most this many CUT_STEPs from the matched window's cuts in one move
+ALIGN_ROUNDS = 2  # moves of the top and bottom cuts, then of the left and right ones, each round
+ALIGN_BLOCK = 2048  # (pair, window) alignments searched at once: bounds the working memory (about 60 MiB)
+_MOVES = np.array([(a, b) for a in range(-SEARCH_REACH, SEARCH_REACH + 1)
+                   for b in range(-SEARCH_REACH, SEARCH_REACH + 1)])
+
+
+@functools.lru_cache(maxsize=1)
+def _box_matrices() -> np.ndarray:
+    """``[first, last]``: the area resampling of a thumbnail axis cut by ``first`` and ``last`` CUT_STEPs at its
+    ends, to ``COMPARE_SIDE`` samples (CUT_VALUES x CUT_VALUES x COMPARE_SIDE x THUMBNAIL_SIDE, float32)."""
+    return np.array([[area_matrix(THUMBNAIL_SIDE, first * CUT_STEP, last * CUT_STEP, COMPARE_SIDE)
+                      for last in range(CUT_VALUES)] for first in range(CUT_VALUES)], dtype=np.float32)
+
+
+def thumbnail_array(values: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(rows whose thumbnail is present and well formed, their thumbnails as an n x side x side float32 array)."""
+    size = THUMBNAIL_SIDE * THUMBNAIL_SIDE
+    rows = np.flatnonzero((values.bin.size().fill_null(0) == size).to_numpy())
+    data = np.frombuffer(b"".join(values.gather(rows).to_list()), dtype=np.uint8) if len(rows) else np.empty(0)
+    return rows, data.reshape(-1, THUMBNAIL_SIDE, THUMBNAIL_SIDE).astype(np.float32)
+
+
+def _residuals(boxes: np.ndarray, crops: np.ndarray, norms: np.ndarray) -> np.ndarray:
+    """Mean squared residual of each crop (n x side x side, mean removed; ``norms``: their squared norms)
+    against each of its candidate boxes (n x candidates x side x side) after the least-squares gain and offset
+    fit of the box to the crop; a box whose fitted gain would not be positive explains nothing."""
+    count = boxes.shape[-1] * boxes.shape[-2]
+    sums = boxes.sum(axis=(-1, -2))
+    energy = (boxes * boxes).sum(axis=(-1, -2)) - sums * sums / count  # squared norm of the box, mean removed
+    dot = np.einsum("ncij,nij->nc", boxes, crops)
+    explained = np.where((dot > 0) & (energy > 0), dot * dot / np.maximum(energy, 1e-12), 0.0)
+    return (norms[:, None] - explained) / count
+
+
+def crop_residuals(crops: np.ndarray, originals: np.ndarray, matched: np.ndarray,
+                   block: int = ALIGN_BLOCK) -> np.ndarray:
+    """For each pair of thumbnails (``crops[k]`` looks like a crop of ``originals[k]`` at the windows of the
+    mask ``matched[k]``, bit ``w``: window ``w``): the root-mean-square residual, in grey levels, of the crop's
+    thumbnail against the best-aligned box of the original's, after a gain and offset fit (both resampled to
+    ``COMPARE_SIDE``). Per matched window, the box starts at the window's cuts and each pair of opposite cuts
+    moves in turn, ``ALIGN_ROUNDS`` times, to the best of the cuts within ``SEARCH_REACH`` steps of
+    ``CUT_STEP`` (0 to 10% a side): a crop of up to 10% a side is within 2.5% of a window on every side, so
+    it is aligned to 1.25%. Pairs with no matched window get infinity."""
+    pair, slot = np.nonzero((np.asarray(matched, dtype=np.int64)[:, None] >> np.arange(WINDOWS)) & 1)
+    best = np.full(len(crops), np.inf)
+    boxes = _box_matrices()
+    whole = boxes[0, 0]
+    starts = np.round(np.array(CUT_PAIRS) / CUT_STEP).astype(np.int64)  # per cut pair: (first, last) in steps
+    arange = np.arange(min(block, len(pair)))
+    for begin in range(0, len(pair), block):
+        owner, window = pair[begin:begin + block], slot[begin:begin + block]
+        original = originals[owner]
+        target = whole @ crops[owner] @ whole.T
+        target -= target.mean(axis=(1, 2), keepdims=True)
+        norms = (target * target).sum(axis=(1, 2))
+        rows, cols = starts[window // len(CUT_PAIRS)], starts[window % len(CUT_PAIRS)]
+        squared = np.full(len(owner), np.inf)
+        index = arange[:len(owner)]
+        for _ in range(ALIGN_ROUNDS):
+            for moving in (rows, cols):
+                candidates = np.clip(moving[:, None, :] + _MOVES[None], 0, CUT_VALUES - 1)
+                moved = boxes[candidates[..., 0], candidates[..., 1]]  # n x moves x compare x side
+                if moving is rows:
+                    fixed = boxes[cols[:, 0], cols[:, 1]]
+                    found = moved @ (original @ fixed.transpose(0, 2, 1))[:, None]
+                else:
+                    fixed = boxes[rows[:, 0], rows[:, 1]]
+                    found = (fixed @ original)[:, None] @ moved.transpose(0, 1, 3, 2)
+                residual = _residuals(found, target, norms)
+                choice = residual.argmin(axis=1)
+                moving[:] = candidates[index, choice]
+                squared = np.minimum(squared, residual[index, choice])
+        np.minimum.at(best, owner, np.sqrt(np.maximum(squared, 0.0)))
+    return best
 
 
 def keepers(count: int, lows: np.ndarray, highs: np.ndarray) -> np.ndarray:
@@ -287,9 +386,32 @@ def _with_crop_columns(samples: pl.DataFrame) -> pl.DataFrame:
     return samples.with_columns(missing) if missing else samples
 
 
-def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0) -> np.ndarray:
+def in_frame(rows: pl.DataFrame) -> pl.Series:
+    """The thumbnails of search input rows: their ``thumbnail`` column."""
+    return rows["thumbnail"]
+
+
+def _aligned(rows: pl.DataFrame, crops: np.ndarray, originals: np.ndarray, matched: np.ndarray,
+             max_residual: float, thumbnails: Callable[[pl.DataFrame], pl.Series]) -> np.ndarray:
+    """Which crop pairs (row indices into ``rows``) are verified: both thumbnails within ``max_residual`` when
+    aligned (``crop_residuals``). A pair where either side has no thumbnail (a manifest written before crop
+    matches were verified) is kept on its hashes alone."""
+    needed = np.unique(np.concatenate([crops, originals]))
+    present, images = thumbnail_array(thumbnails(rows[needed]))
+    slot = np.full(len(rows), -1)
+    slot[needed[present]] = np.arange(len(present))
+    known = (slot[crops] >= 0) & (slot[originals] >= 0)
+    keep = np.ones(len(crops), dtype=bool)
+    residual = crop_residuals(images[slot[crops[known]]], images[slot[originals[known]]], matched[known])
+    keep[known] = residual <= max_residual
+    return keep
+
+
+def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0,
+                thumbnails: Callable[[pl.DataFrame], pl.Series] = in_frame) -> np.ndarray:
     """Each sample's keeper (its own index when kept) under ``rule``'s distances and scope; the first
-    ``protected`` samples are never dropped (and never drop one another)."""
+    ``protected`` samples are never dropped (and never drop one another). ``thumbnails`` gives the thumbnails
+    of the rows that take part in crop pairs."""
     count = samples.height
     caption = pl.col("caption_hash").fill_null(0) if rule.scope == "image_and_caption" else pl.lit(0, pl.Int64)
     rows = samples.with_row_index("id").with_columns(caption.alias("same_caption"))
@@ -308,11 +430,14 @@ def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0) ->
     if rule.crop_hamming >= 0:
         rows_with, windows, window_chroma = _window_arrays(unique)
         if len(rows_with):
-            crops, originals, _ = crop_pairs(
+            crops, originals, _, matched = crop_pairs(
                 unique["phash"][rows_with].to_numpy(), unique["probe"][rows_with].to_numpy(), windows,
                 rule.crop_hamming, unique["chroma"][rows_with].fill_null(0).to_numpy(), window_chroma,
                 rule.crop_chroma_hamming, groups[rows_with] if groups is not None else None)
             crops, originals = rows_with[crops], rows_with[originals]
+            if rule.crop_max_residual >= 0 and len(crops):
+                keep = _aligned(unique, crops, originals, matched, rule.crop_max_residual, thumbnails)
+                crops, originals = crops[keep], originals[keep]
             lows = np.concatenate([lows, np.minimum(crops, originals)])
             highs = np.concatenate([highs, np.maximum(crops, originals)])
             code = np.unique(lows * len(unique_ids) + highs)
@@ -353,27 +478,30 @@ def _distances(copies: pl.DataFrame, kept: pl.DataFrame, rule: DedupParams) -> t
 
 def find_duplicates(samples: pl.DataFrame, max_hamming: int, scope: str = "image",
                     max_chroma_hamming: int = -1, crop_hamming: int = -1, crop_chroma_hamming: int = -1,
-                    evaluation: pl.DataFrame | None = None) -> pl.DataFrame:
+                    evaluation: pl.DataFrame | None = None, crop_max_residual: float = -1,
+                    thumbnails: Callable[[pl.DataFrame], pl.Series] = in_frame) -> pl.DataFrame:
     """The duplicates among ``samples`` (columns of ``SAMPLE_SCHEMA``, in keep-preference order: best first),
     one row each: shard, position and the verdict columns (``stages.dedup.VERDICT_COLUMNS``). Near-duplicates
     have pHashes within ``max_hamming`` bits and, unless ``max_chroma_hamming`` is -1, chroma hashes within
-    that many bits; crops are matched with ``crop_hamming`` and ``crop_chroma_hamming`` (-1: no crop matching).
+    that many bits; crops are matched with ``crop_hamming`` and ``crop_chroma_hamming`` (-1: no crop matching)
+    and, unless ``crop_max_residual`` is -1, verified by aligning their thumbnails (``crop_residuals``), which
+    ``thumbnails`` reads for the rows of the crop pairs found (by default their ``thumbnail`` column).
     ``evaluation`` (the same columns, ``stem`` "evaluation", ``key`` the image's name): every sample that
     duplicates one of these images is dropped first, naming it."""
     rule = DedupParams(max_hamming=max_hamming, max_chroma_hamming=max_chroma_hamming, crop_hamming=crop_hamming,
-                       crop_chroma_hamming=crop_chroma_hamming, scope=scope)
+                       crop_chroma_hamming=crop_chroma_hamming, crop_max_residual=crop_max_residual, scope=scope)
     samples = _with_crop_columns(samples)
     found = []
     if evaluation is not None and evaluation.height and samples.height:
         protected = evaluation.height
         combined = pl.concat([_with_crop_columns(evaluation).select(list(SAMPLE_SCHEMA)),
                               samples.select(list(SAMPLE_SCHEMA))])
-        keeper = _keepers_of(combined, dataclasses.replace(rule, scope="image"), protected)
+        keeper = _keepers_of(combined, dataclasses.replace(rule, scope="image"), protected, thumbnails)
         flagged = np.flatnonzero(keeper[protected:] < protected)
         found.append(_verdicts(samples[flagged], combined[keeper[protected + flagged]], rule, "evaluation"))
         samples = samples.with_row_index("_row").filter(~pl.col("_row").is_in(flagged)).drop("_row")
     if samples.height:
-        keeper = _keepers_of(samples, rule)
+        keeper = _keepers_of(samples, rule, thumbnails=thumbnails)
         dropped = np.flatnonzero(keeper != np.arange(samples.height))
         found.append(_verdicts(samples[dropped], samples[keeper[dropped]], rule))
     found = [frame for frame in found if frame.height]
@@ -441,10 +569,36 @@ def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.Dat
             pl.col("dedup_sha256").str.slice(0, 16).str.to_integer(base=16, dtype=pl.UInt64).alias("sha"),
             pl.col("dedup_phash").alias("phash"), pl.col("dedup_chroma_hash").alias("chroma"),
             pl.col("dedup_caption_hash").alias("caption_hash"),
-            preference_score(schema, dedup.params.prefer), *crops))
+            preference_score(schema, dedup.params.prefer), *crops,
+            pl.lit(None, dtype=pl.Binary).alias("thumbnail")))  # read for the crop pairs only (ManifestThumbnails)
     if not frames:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
     return preference_order(pl.concat(frames).collect(engine="streaming"))
+
+
+class ManifestThumbnails:
+    """The thumbnails of search input rows: their ``thumbnail`` column where set (evaluation images), otherwise
+    read from their shard's manifest (``dedup_thumbnail``), only for the rows asked for."""
+
+    def __init__(self, out: OutputDir):
+        self.out = out
+
+    def __call__(self, rows: pl.DataFrame) -> pl.Series:
+        wanted = rows.select("stem", "position", "thumbnail").with_row_index("row")
+        missing = wanted.filter(pl.col("thumbnail").is_null() & (pl.col("stem") != EVALUATION_STEM))
+        scans = []
+        for (stem,), part in missing.partition_by("stem", as_dict=True).items():
+            sources, options = self.out.polars_manifests([stem])
+            scan = pl.scan_parquet(sources, storage_options=options)
+            if "dedup_thumbnail" in scan.collect_schema().names():
+                scans.append(scan.filter(pl.col("position").cast(pl.Int64).is_in(part["position"].implode())).select(
+                    pl.lit(stem).alias("stem"), pl.col("position").cast(pl.Int64),
+                    pl.col("dedup_thumbnail").str.decode("base64").alias("read")))
+        if not scans:
+            return wanted["thumbnail"]
+        read = pl.concat(scans).collect(engine="streaming")
+        joined = wanted.join(read, on=["stem", "position"], how="left").sort("row")
+        return joined.select(pl.coalesce("thumbnail", "read").alias("thumbnail")).to_series()
 
 
 def evaluation_frame(spec: str, max_pixels: int) -> pl.DataFrame | None:
@@ -458,13 +612,14 @@ def evaluation_frame(spec: str, max_pixels: int) -> pl.DataFrame | None:
             found = fingerprint(data, max_pixels)
         except Exception:  # noqa: BLE001 - unhashable: matched by its bytes only
             found = None
-        rows.append({"stem": "evaluation", "shard": "", "position": position, "key": name,
+        rows.append({"stem": EVALUATION_STEM, "shard": "", "position": position, "key": name,
                      "sha": int(hashlib.sha256(data).hexdigest()[:16], 16),
                      "phash": found.phash if found else None, "chroma": found.chroma if found else None,
                      "caption_hash": None,
                      "score": None, "probe": found.probe if found else None,
                      "windows": found.windows if found else None,
-                     "window_chroma": found.window_chroma if found else None})
+                     "window_chroma": found.window_chroma if found else None,
+                     "thumbnail": found.thumbnail if found else None})
     return pl.DataFrame(rows, schema=SAMPLE_SCHEMA)
 
 
@@ -485,7 +640,8 @@ def resolve_duplicates(out: OutputDir, stages: list[Stage]) -> list[Stage]:
         params = stage.params
         duplicates = find_duplicates(samples, params.max_hamming, params.scope, params.max_chroma_hamming,
                                      params.crop_hamming, params.crop_chroma_hamming,
-                                     evaluation_frame(params.evaluation, params.max_pixels))
+                                     evaluation_frame(params.evaluation, params.max_pixels),
+                                     params.crop_max_residual, ManifestThumbnails(out))
         resolved[index] = ResolvedDedupStage(stage.params, by_shard(duplicates))
         resolved[index].resources = stage.resources
     return resolved

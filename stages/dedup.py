@@ -29,6 +29,13 @@ Per sample (cheap, CPU) the stage writes these fingerprints:
   coefficients lie closest to the threshold: the bits most likely to differ in a copy. The search for crops
   looks up the whole-image pHash, with every combination of these bits flipped, among the windows' values of
   the 24 key bits (``pipeline.dedup.crop_pairs``);
+* ``dedup_thumbnail``: the image's luma as ``THUMBNAIL_SIDE`` x ``THUMBNAIL_SIDE`` area averages over the whole
+  image, whatever its aspect ratio (400 bytes, row by row, stored in base64 so that the output samples' JSON can
+  hold it), from the same box-reduced decode as the windows. A
+  crop pair the hashes find is verified with it (``pipeline.dedup.crop_residuals``): the crop's thumbnail must
+  match the other's thumbnail cut to the best-aligned box near the matched window. At 64 bits, catalogue photos
+  of look-alike products shot the same way are a few bits from each other's windows; their thumbnails differ
+  in grey levels where the hashes keep only signs;
 * ``dedup_caption_hash``: a 64-bit BLAKE2b hash of the normalised caption (NFKC, case-folded, words only), for
   the ``image_and_caption`` scope.
 
@@ -45,6 +52,7 @@ stage drops nothing (so the model stages still score every member, and the best-
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import functools
@@ -80,6 +88,7 @@ CUT_PAIRS = tuple(itertools.product(CROP_CUTS, repeat=2))  # (first, last) cut a
 WINDOWS = len(CUT_PAIRS) ** 2  # row-major: (top, bottom) pair, then (left, right) pair
 KEY_BLOCK = 5  # the crop search looks up the pHash bits of the top-left 5x5 DCT block (24 bits)
 PROBE_BITS = 7  # ... with every combination of the 7 least certain of them flipped (128 probes)
+THUMBNAIL_SIDE = 20  # the luma thumbnail crop matches are verified with: 20 x 20 bytes
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp")
 
 
@@ -149,19 +158,37 @@ def _whole_image(image: Image.Image) -> tuple[int, int, int]:
     return _as_int64(margin > 0), _as_int64(chroma), int(_BIT_VALUES[uncertain].sum())
 
 
+def area_matrix(length: int, first: float, last: float, samples: int) -> np.ndarray:
+    """The area resampling of the part of an axis of ``length`` pixels left when the shares ``first`` and
+    ``last`` are cut off its ends, to ``samples`` samples: a ``samples`` x ``length`` matrix whose rows sum to
+    1 (each sample averages the pixels under it, partial pixels weighted by their covered share)."""
+    pixels = np.arange(length)[None, :]
+    start, stop = first * length, (1 - last) * length
+    edges = start + (stop - start) * np.arange(samples + 1) / samples
+    overlap = np.clip(np.minimum(pixels + 1, edges[1:, None]) - np.maximum(pixels, edges[:-1, None]), 0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
 @functools.lru_cache(maxsize=512)
 def window_matrix(length: int) -> np.ndarray:
     """For an axis of ``length`` pixels: per pair of cuts in ``CUT_PAIRS``, the window's area resampling to
     ``HASH_SIDE`` samples followed by the first ``LUMA_BLOCK`` DCT rows (a ``LUMA_BLOCK`` x ``length`` block),
     stacked."""
-    pixels = np.arange(length)[None, :]
-    blocks = []
-    for first, last in CUT_PAIRS:
-        start, stop = first * length, (1 - last) * length
-        edges = start + (stop - start) * np.arange(HASH_SIDE + 1) / HASH_SIDE
-        overlap = np.clip(np.minimum(pixels + 1, edges[1:, None]) - np.maximum(pixels, edges[:-1, None]), 0, None)
-        blocks.append(_BASIS @ (overlap / overlap.sum(axis=1, keepdims=True)))
-    return np.concatenate(blocks)
+    return np.concatenate([_BASIS @ area_matrix(length, first, last, HASH_SIDE) for first, last in CUT_PAIRS])
+
+
+@functools.lru_cache(maxsize=512)
+def thumbnail_matrix(length: int) -> np.ndarray:
+    """The area resampling of a whole axis of ``length`` pixels to ``THUMBNAIL_SIDE`` samples."""
+    return area_matrix(length, 0.0, 0.0, THUMBNAIL_SIDE)
+
+
+def thumbnail(luma: np.ndarray) -> bytes:
+    """The luma thumbnail of an image given as its height x width luma plane: ``THUMBNAIL_SIDE`` x
+    ``THUMBNAIL_SIDE`` area averages over the whole image (whatever its aspect ratio), rounded to bytes, row by
+    row."""
+    small = thumbnail_matrix(luma.shape[0]) @ luma @ thumbnail_matrix(luma.shape[1]).T
+    return np.clip(np.rint(small), 0, 255).astype(np.uint8).tobytes()
 
 
 def _block_bits(coefficients: np.ndarray, count: int) -> np.ndarray:
@@ -195,6 +222,7 @@ class Fingerprint:
     probe: int
     windows: list[int]
     window_chroma: list[int]
+    thumbnail: bytes
 
 
 def _signed(values: np.ndarray) -> list[int]:
@@ -222,7 +250,7 @@ def fingerprint(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprin
         source = image.reduce(factor) if factor > 1 else image
         planes = np.asarray(source if source.mode == "YCbCr" else source.convert("YCbCr"), dtype=np.float64)
     windows, window_chroma = window_hashes(planes)
-    return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma))
+    return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma), thumbnail(planes[:, :, 0]))
 
 
 def perceptual_hashes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -260,6 +288,7 @@ FINGERPRINT_COLUMNS = {
     "dedup_probe_bits": pa.int64(),
     "dedup_window_phash": pa.list_(pa.int64()),
     "dedup_window_chroma": pa.list_(pa.int64()),
+    "dedup_thumbnail": pa.string(),  # base64
     "dedup_caption_hash": pa.int64(),
     "dedup_error": pa.string(),
 }
@@ -282,6 +311,9 @@ class DedupParams(StageParams):
     crop_hamming: int = 7
     # ... and its chroma hash within this many bits of that window's chroma hash (threshold); -1: luma alone.
     crop_chroma_hamming: int = 10
+    # ... and its luma thumbnail, against the best-aligned box of the other's thumbnail near a matched window, at
+    # most this root-mean-square residual in grey levels after a gain and offset fit (threshold); -1: no check.
+    crop_max_residual: float = 7.5
     # "image": one sample per image whatever its caption; "image_and_caption": only samples whose normalised
     # captions are also equal count as duplicates (threshold).
     scope: str = "image"
@@ -322,8 +354,8 @@ class DedupStage(Stage):
     Params = DedupParams
     columns = {**FINGERPRINT_COLUMNS, **VERDICT_COLUMNS}
     decided_at_selection = frozenset(VERDICT_COLUMNS)
-    thresholds = frozenset({"max_hamming", "max_chroma_hamming", "crop_hamming", "crop_chroma_hamming", "scope",
-                            "prefer", "evaluation"})
+    thresholds = frozenset({"max_hamming", "max_chroma_hamming", "crop_hamming", "crop_chroma_hamming",
+                            "crop_max_residual", "scope", "prefer", "evaluation"})
 
     def __init__(self, params: DedupParams):
         if not -1 <= params.max_hamming <= 32:
@@ -333,6 +365,9 @@ class DedupStage(Stage):
         for name in ("max_chroma_hamming", "crop_chroma_hamming"):
             if not -1 <= getattr(params, name) <= 64:
                 raise ValueError(f"{name} must be between -1 (no colour check) and 64, got {getattr(params, name)}")
+        if not (params.crop_max_residual == -1 or 0 <= params.crop_max_residual <= 255):
+            raise ValueError(f"crop_max_residual must be -1 (no check) or between 0 and 255 grey levels, got "
+                             f"{params.crop_max_residual}")
         if params.scope not in SCOPES:
             raise ValueError(f"scope must be one of {list(SCOPES)}, got {params.scope!r}")
         super().__init__(params)
@@ -350,6 +385,7 @@ class DedupStage(Stage):
             columns["dedup_probe_bits"].append(None if found is None else found.probe)
             columns["dedup_window_phash"].append(None if found is None else found.windows)
             columns["dedup_window_chroma"].append(None if found is None else found.window_chroma)
+            columns["dedup_thumbnail"].append(None if found is None else base64.b64encode(found.thumbnail).decode())
             columns["dedup_error"].append(error)
             columns["dedup_caption_hash"].append(caption_hash(caption))
         for name in VERDICT_COLUMNS:

@@ -13,16 +13,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from conftest import FLICKR, photos_and_captions, require, write_tar
+from conftest import FLICKR, MYNTRA, photos_and_captions, require, write_tar
 from pipeline.config import parse_config
 from pipeline.cli import main as vlcurate
-from pipeline.dedup import (SAMPLE_SCHEMA, crop_pairs, duplicate_groups, find_duplicates, keepers, near_pairs,
-                            preference_order)
+from pipeline.dedup import (SAMPLE_SCHEMA, crop_pairs, crop_residuals, duplicate_groups, find_duplicates, keepers,
+                            near_pairs, preference_order, thumbnail_array)
 from pipeline.run import manifests_frame, run_curation, select_thresholds
 from pipeline.synth import DUPLICATE_TYPES, SynthOptions, draw, jpeg_bytes, write_synth
 from stages.base import SampleBatch
-from stages.dedup import (KEY_BITS, WINDOWS, DedupParams, DedupStage, caption_hash, evaluation_images, fingerprint,
-                          hamming, perceptual_hash, perceptual_hashes)
+from stages.dedup import (KEY_BITS, THUMBNAIL_SIDE, WINDOWS, DedupParams, DedupStage, caption_hash,
+                          evaluation_images, fingerprint, hamming, perceptual_hash, perceptual_hashes)
 
 
 def jpeg(image: Image.Image, quality: int = 90) -> bytes:
@@ -134,8 +134,9 @@ def test_crop_search_finds_exactly_the_probed_pairs_within_the_distances():
             value ^= 1 << int(bit)
         windows[owner, slot] = value
     for max_distance, max_chroma in ((4, -1), (6, 1), (0, -1)):
-        i, j, d = crop_pairs(hashes.view(np.int64), probes.view(np.int64), windows.view(np.int64), max_distance,
-                             chroma.view(np.int64), window_chroma.view(np.int64), max_chroma, block=97)
+        i, j, d, matched = crop_pairs(hashes.view(np.int64), probes.view(np.int64), windows.view(np.int64),
+                                      max_distance, chroma.view(np.int64), window_chroma.view(np.int64), max_chroma,
+                                      block=97)
         distance = np.bitwise_count(hashes[:, None, None] ^ windows[None])
         probed = ((hashes[:, None, None] ^ windows[None]) & np.uint64(KEY_BITS) & ~probes[:, None, None]) == 0
         within = (distance <= max_distance) & probed
@@ -147,6 +148,7 @@ def test_crop_search_finds_exactly_the_probed_pairs_within_the_distances():
         assert np.array_equal(np.stack([i, j], axis=1), expected)
         closest = np.where(within, distance, 99).min(axis=2)
         assert np.array_equal(d, closest[i, j])
+        assert np.array_equal(matched, (within << np.arange(windows_per)).sum(axis=2)[i, j])
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -191,6 +193,8 @@ def test_settings_are_checked():
         DedupStage(DedupParams(crop_hamming=33))
     with pytest.raises(ValueError, match="crop_chroma_hamming"):
         DedupStage(DedupParams(crop_chroma_hamming=65))
+    with pytest.raises(ValueError, match="crop_max_residual"):
+        DedupStage(DedupParams(crop_max_residual=-0.5))
 
 
 # ------------------------------------------------------------------------------------ the search
@@ -400,12 +404,68 @@ def test_find_duplicates_names_crops_with_their_closest_window():
         "key": [f"k{i}" for i in range(len(images))], "sha": list(range(len(images))),
         "phash": values["dedup_phash"], "chroma": values["dedup_chroma_hash"], "caption_hash": [None] * len(images),
         "score": [None] * len(images), "probe": values["dedup_probe_bits"], "windows": values["dedup_window_phash"],
-        "window_chroma": values["dedup_window_chroma"]}, schema=SAMPLE_SCHEMA))
+        "window_chroma": values["dedup_window_chroma"], "thumbnail": [None] * len(images)}, schema=SAMPLE_SCHEMA))
     found = find_duplicates(frame, 3, max_chroma_hamming=6, crop_hamming=6, crop_chroma_hamming=10)
     assert found.select("position", "dedup_duplicate_of", "dedup_match").rows() == [(6, "s/k1", "crop"),
                                                                                  (7, "s/k4", "crop")]
     assert all(0 <= d <= 6 for d in found["dedup_distance"])
     assert find_duplicates(frame, 3, max_chroma_hamming=6).height == 0  # the whole-image hash alone misses them
+    # Their thumbnails align: the same verdicts with the check on (without thumbnails, pairs are not checked).
+    thumbnails = pl.Series("thumbnail", values["dedup_thumbnail"]).str.decode("base64")
+    checked = find_duplicates(frame.with_columns(thumbnails), 3,
+                              max_chroma_hamming=6, crop_hamming=6, crop_chroma_hamming=10,
+                              crop_max_residual=DedupParams().crop_max_residual)
+    assert checked.equals(found)
+
+
+def annotated_frame(images: list[bytes]) -> pl.DataFrame:
+    """The search input of images annotated by the dedup stage (one shard "s", keys k0, k1, ...)."""
+    keys = [f"k{i}" for i in range(len(images))]
+    table = pa.table({"key": keys, "caption": [""] * len(images), "image": pa.array(images, pa.binary())})
+    values = DedupStage(DedupParams()).annotate(SampleBatch(table, list(range(len(images)))))
+    return preference_order(pl.DataFrame({
+        "stem": ["s"] * len(images), "shard": ["S"] * len(images), "position": list(range(len(images))),
+        "key": keys, "sha": list(range(len(images))), "phash": values["dedup_phash"],
+        "chroma": values["dedup_chroma_hash"], "caption_hash": [None] * len(images), "score": [None] * len(images),
+        "probe": values["dedup_probe_bits"], "windows": values["dedup_window_phash"],
+        "window_chroma": values["dedup_window_chroma"],
+        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.String).str.decode("base64")},
+        schema=SAMPLE_SCHEMA))
+
+
+def test_aligned_thumbnails_keep_crops_and_part_look_alike_product_shots():
+    """Three catalogue photos of black shoes shot the same way: each one's pHash is within the crop distances of
+    a window of another's, so the hashes alone merge them; their aligned thumbnails do not match, while crops
+    of them still do."""
+    wanted = {"myntra-00001.tar": ["myntra00898", "myntra00763"], "myntra-00002.tar": ["myntra00897"]}
+    photos = []
+    for name, keys in wanted.items():
+        with tarfile.open(require(MYNTRA / name)) as archive:
+            photos += [archive.extractfile(f"{key}.jpg").read() for key in keys]
+    rng = random.Random(4)
+    crops = [cropped(photo, tuple(rng.uniform(0.0, 0.10) for _ in range(4))) for photo in photos]
+    frame = annotated_frame(photos + crops)
+    rule = DedupParams()
+    hashes_only = find_duplicates(frame, rule.max_hamming, max_chroma_hamming=rule.max_chroma_hamming,
+                                  crop_hamming=rule.crop_hamming, crop_chroma_hamming=rule.crop_chroma_hamming)
+    assert {"s/k0", "s/k1", "s/k2"} & set(hashes_only.filter(pl.col("position") < 3)["dedup_duplicate_of"])
+    found = find_duplicates(frame, rule.max_hamming, max_chroma_hamming=rule.max_chroma_hamming,
+                            crop_hamming=rule.crop_hamming, crop_chroma_hamming=rule.crop_chroma_hamming,
+                            crop_max_residual=rule.crop_max_residual)
+    assert found.select("position", "dedup_duplicate_of", "dedup_match").rows() == [
+        (3, "s/k0", "crop"), (4, "s/k1", "crop"), (5, "s/k2", "crop")]
+
+
+def test_crop_residuals_are_small_only_for_the_box_a_crop_was_cut_from():
+    original = jpeg(picture(5, size=160))
+    copy = cropped(original, (0.08, 0.01, 0.04, 0.09))
+    _, thumbnails = thumbnail_array(pl.Series([fingerprint(original).thumbnail, fingerprint(copy).thumbnail,
+                                               fingerprint(jpeg(picture(6, size=160))).thumbnail]))
+    assert thumbnails.shape == (3, THUMBNAIL_SIDE, THUMBNAIL_SIDE)
+    every = (1 << WINDOWS) - 1
+    residuals = crop_residuals(thumbnails[[1, 2, 1]], thumbnails[[0, 0, 0]], np.array([every, every, 0]))
+    assert residuals[0] < 3 < 20 < residuals[1]
+    assert residuals[2] == np.inf  # no window matched
 
 
 @pytest.fixture(scope="module")
@@ -449,6 +509,22 @@ def test_samples_that_duplicate_evaluation_images_are_dropped(ray_cluster, two_s
     select_thresholds(str(out), ["dedup.evaluation="])
     run_curation(dedup_config(), list(two_shards), str(tmp_path / "plain"), progress=False)
     assert_same_outputs(out, tmp_path / "plain")
+
+
+def test_select_with_a_new_crop_residual_equals_a_fresh_run(ray_cluster, two_shards, evaluation_folder, tmp_path):
+    """The crop of picture 3 among the evaluation images matches b/k2 on its hashes and its thumbnail; with no
+    residual allowed, the thumbnail check parts them (the thumbnails come from the manifests)."""
+    out = tmp_path / "out"
+    run_curation(dedup_config(f"dedup.evaluation={evaluation_folder}"), list(two_shards), str(out), progress=False)
+    assert verdicts(out)[("b.tar", "k2")] == ("dedup:evaluation_duplicate", "evaluation/sub/three.jpg")
+    select_thresholds(str(out), ["dedup.crop_max_residual=0"])
+    found = verdicts(out)
+    assert found[("b.tar", "k2")] == (None, None)
+    assert found[("b.tar", "k3")] == ("dedup:exact_duplicate", "b/k2")
+    fresh = tmp_path / "fresh"
+    run_curation(dedup_config(f"dedup.evaluation={evaluation_folder}", "dedup.crop_max_residual=0"),
+                 list(two_shards), str(fresh), progress=False)
+    assert_same_outputs(out, fresh)
 
 
 def test_stats_explain_and_report_show_duplicate_groups(ray_cluster, two_shards, tmp_path, capsys):
