@@ -86,7 +86,7 @@ def fingerprint(samples: list[dict]) -> pl.DataFrame:
         "caption_hash": values["dedup_caption_hash"],
         "score": [None] * len(samples), "probe": values["dedup_probe_bits"],
         "windows": values["dedup_window_phash"], "window_chroma": values["dedup_window_chroma"],
-        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.String).str.decode("base64")},
+        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.Binary)},
         schema=SAMPLE_SCHEMA))
 
 
@@ -410,14 +410,13 @@ def write_manifests(out: OutputDir, planted: dict, shards: int) -> None:
                 thumbnails[target - index * per_shard] = thumbnail
         side = THUMBNAIL_SIDE * THUMBNAIL_SIDE
         raw = pa.FixedSizeBinaryArray.from_buffers(pa.binary(side), size, [None, pa.py_buffer(thumbnails.tobytes())])
-        encoded = pl.Series(raw.cast(pa.binary())).bin.encode("base64").to_arrow()
         table = pa.table({
             "key": [f"k{i:07d}" for i in range(size)], "shard": [f"/in/{stem}.tar"] * size,
             "position": pa.array(range(size), pa.int32()), "read_error": pa.nulls(size, pa.string()),
             "dedup_sha256": [f"{(int(h) * 0x9E3779B97F4A7C15) % 2**64:016x}" + "0" * 48 for h in part],
             "dedup_phash": pa.array(part, pa.int64()), "dedup_chroma_hash": pa.array(planted["chroma"][rows]),
             "dedup_probe_bits": pa.array(planted["probes"][rows]), "dedup_window_phash": lists["windows"],
-            "dedup_window_chroma": lists["window_chroma"], "dedup_thumbnail": encoded,
+            "dedup_window_chroma": lists["window_chroma"], "dedup_thumbnail": raw.cast(pa.binary()),
             "dedup_caption_hash": pa.nulls(size, pa.int64()),
         })
         out.write_bytes(out.manifest_name(stem), manifest_bytes(table))

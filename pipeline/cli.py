@@ -335,9 +335,12 @@ def cmd_explain(args) -> int:
 
 
 def shown(value) -> str:
-    """A manifest value for ``explain``: long lists (the dedup stage's window hashes) as their length."""
+    """A manifest value for ``explain``: long lists (the dedup stage's window hashes) and bytes (its thumbnail) as
+    their length."""
     if isinstance(value, list) and len(value) > 4:
         return f"[{len(value)} values]"
+    if isinstance(value, bytes) and len(value) > 16:
+        return f"<{len(value)} bytes>"
     return repr(value)
 
 

@@ -593,7 +593,7 @@ class ManifestThumbnails:
             if "dedup_thumbnail" in scan.collect_schema().names():
                 scans.append(scan.filter(pl.col("position").cast(pl.Int64).is_in(part["position"].implode())).select(
                     pl.lit(stem).alias("stem"), pl.col("position").cast(pl.Int64),
-                    pl.col("dedup_thumbnail").str.decode("base64").alias("read")))
+                    pl.col("dedup_thumbnail").alias("read")))
         if not scans:
             return wanted["thumbnail"]
         read = pl.concat(scans).collect(engine="streaming")

@@ -186,8 +186,12 @@ def json_bytes(payload: Any) -> bytes:
 
 
 def annotation_columns(table: pa.Table) -> list[str]:
+    """The stages' columns that go into each output sample's .json."""
+    from stages import STAGES
+
     fixed = {"key", "position", "image", "image_ext", "metadata_json", "caption_original", "caption", "read_error",
              "error_stage", "error_message", "drop_reason", "kept", "shard", "output_captions", EMBEDDING_COLUMN}
+    fixed.update(*(stage.manifest_only for stage in STAGES.values()))
     return [name for name in table.column_names if name not in fixed]
 
 

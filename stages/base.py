@@ -88,6 +88,9 @@ class Stage:
     columns: ClassVar[dict[str, pa.DataType]] = {}
     # Columns passed on to later stages but never written to manifests or shards (decoded pixels).
     transient_columns: ClassVar[dict[str, pa.DataType]] = {}
+    # Columns (among ``columns``) kept in the manifest only, never in the output samples' .json: what a search over
+    # the whole output reads, of no use to a training job.
+    manifest_only: ClassVar[frozenset[str]] = frozenset()
     # Model stages run in a Ray actor pool (one model per actor) instead of plain tasks.
     uses_actor_pool: ClassVar[bool] = False
     # Settings that only change the verdict (re-applicable from manifests by `vlcurate select`).

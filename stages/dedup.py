@@ -30,8 +30,7 @@ Per sample (cheap, CPU) the stage writes these fingerprints:
   looks up the whole-image pHash, with every combination of these bits flipped, among the windows' values of
   the 24 key bits (``pipeline.dedup.crop_pairs``);
 * ``dedup_thumbnail``: the image's luma as ``THUMBNAIL_SIDE`` x ``THUMBNAIL_SIDE`` area averages over the whole
-  image, whatever its aspect ratio (400 bytes, row by row, stored in base64 so that the output samples' JSON can
-  hold it), from the same box-reduced decode as the windows. A
+  image, whatever its aspect ratio (400 bytes, row by row), from the same box-reduced decode as the windows. A
   crop pair the hashes find is verified with it (``pipeline.dedup.crop_residuals``): the crop's thumbnail must
   match the other's thumbnail cut to the best-aligned box near the matched window. At 64 bits, catalogue photos
   of look-alike products shot the same way are a few bits from each other's windows; their thumbnails differ
@@ -52,7 +51,6 @@ stage drops nothing (so the model stages still score every member, and the best-
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import functools
@@ -288,7 +286,7 @@ FINGERPRINT_COLUMNS = {
     "dedup_probe_bits": pa.int64(),
     "dedup_window_phash": pa.list_(pa.int64()),
     "dedup_window_chroma": pa.list_(pa.int64()),
-    "dedup_thumbnail": pa.string(),  # base64
+    "dedup_thumbnail": pa.binary(),
     "dedup_caption_hash": pa.int64(),
     "dedup_error": pa.string(),
 }
@@ -354,6 +352,7 @@ class DedupStage(Stage):
     Params = DedupParams
     columns = {**FINGERPRINT_COLUMNS, **VERDICT_COLUMNS}
     decided_at_selection = frozenset(VERDICT_COLUMNS)
+    manifest_only = frozenset({"dedup_probe_bits", "dedup_window_phash", "dedup_window_chroma", "dedup_thumbnail"})
     thresholds = frozenset({"max_hamming", "max_chroma_hamming", "crop_hamming", "crop_chroma_hamming",
                             "crop_max_residual", "scope", "prefer", "evaluation"})
 
@@ -385,7 +384,7 @@ class DedupStage(Stage):
             columns["dedup_probe_bits"].append(None if found is None else found.probe)
             columns["dedup_window_phash"].append(None if found is None else found.windows)
             columns["dedup_window_chroma"].append(None if found is None else found.window_chroma)
-            columns["dedup_thumbnail"].append(None if found is None else base64.b64encode(found.thumbnail).decode())
+            columns["dedup_thumbnail"].append(None if found is None else found.thumbnail)
             columns["dedup_error"].append(error)
             columns["dedup_caption_hash"].append(caption_hash(caption))
         for name in VERDICT_COLUMNS:

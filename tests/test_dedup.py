@@ -348,6 +348,12 @@ def test_duplicates_across_two_shards_keep_exactly_one(ray_cluster, two_shards, 
     assert result.stats["dropped_by_reason"] == {"dedup:exact_duplicate": 2, "dedup:near_duplicate": 1}
     assert members(tmp_path / "out", "b") == ["k2.jpg", "k2.json", "k2.txt"]
     assert len(members(tmp_path / "out", "a")) == 9
+    # The search's fingerprints stay in the manifest; the sample's .json carries the image's hashes only.
+    with tarfile.open(tmp_path / "out" / "shards" / "b.tar") as archive:
+        written = json.loads(archive.extractfile("k2.json").read())["vlcurate"]
+    assert written["dedup_phash"] is not None and written["dedup_sha256"]
+    assert not set(written) & DedupStage.manifest_only
+    assert pl.read_parquet(tmp_path / "out" / "manifests" / "b.parquet")["dedup_thumbnail"].dtype == pl.Binary
 
 
 def test_a_refresh_drops_new_copies_and_equals_one_fresh_run(ray_cluster, two_shards, tmp_path):
@@ -411,7 +417,7 @@ def test_find_duplicates_names_crops_with_their_closest_window():
     assert all(0 <= d <= 6 for d in found["dedup_distance"])
     assert find_duplicates(frame, 3, max_chroma_hamming=6).height == 0  # the whole-image hash alone misses them
     # Their thumbnails align: the same verdicts with the check on (without thumbnails, pairs are not checked).
-    thumbnails = pl.Series("thumbnail", values["dedup_thumbnail"]).str.decode("base64")
+    thumbnails = pl.Series("thumbnail", values["dedup_thumbnail"], dtype=pl.Binary)
     checked = find_duplicates(frame.with_columns(thumbnails), 3,
                               max_chroma_hamming=6, crop_hamming=6, crop_chroma_hamming=10,
                               crop_max_residual=DedupParams().crop_max_residual)
@@ -429,7 +435,7 @@ def annotated_frame(images: list[bytes]) -> pl.DataFrame:
         "chroma": values["dedup_chroma_hash"], "caption_hash": [None] * len(images), "score": [None] * len(images),
         "probe": values["dedup_probe_bits"], "windows": values["dedup_window_phash"],
         "window_chroma": values["dedup_window_chroma"],
-        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.String).str.decode("base64")},
+        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.Binary)},
         schema=SAMPLE_SCHEMA))
 
 
@@ -545,7 +551,7 @@ def test_stats_explain_and_report_show_duplicate_groups(ray_cluster, two_shards,
     assert "DROPPED (dedup:exact_duplicate)" in next(line for line in lines if line.startswith("verdict:"))
     dedup_line = next(line for line in lines if line.strip().startswith("dedup "))
     assert "dedup:exact_duplicate" in dedup_line and "dedup_duplicate_of='b/k2'" in dedup_line
-    assert "[16 values]" in dedup_line
+    assert "[16 values]" in dedup_line and "dedup_thumbnail=<400 bytes>" in dedup_line
     assert vlcurate(["explain", out, "k2"]) == 0  # a/k2 is kept, b/k2 keeps its copy b/k3
     lines = [line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("dedup ")]
     assert len(lines) == 2 and all(line.split()[1] == "pass" for line in lines)
