@@ -145,6 +145,9 @@ def clip_training(ray_cluster, training_pairs, tmp_path_factory):
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     before = [m["step"] for m in training_metrics(out) if "loss" in m] if (out / "metrics.jsonl").exists() else []
-    time.sleep(3)  # the cluster notices the dead driver and stops its training
+    # The cluster notices the dead driver and stops its training: the killed run's worker frees its CPU.
+    total, deadline = ray.cluster_resources()["CPU"], time.time() + 120
+    while ray.available_resources().get("CPU", 0) < total and time.time() < deadline:
+        time.sleep(0.1)
     resumed = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     return KilledAndResumed(out, before, resumed)

@@ -1,12 +1,17 @@
 """Built-in trainers on Ray Train (CPU, tiny models, `vlcurate synth` data): losses fall, the models learn what
-their evaluations measure, a killed run resumes, and every export loads in its scoring stage."""
+their evaluations measure, a killed run resumes, every export loads in its scoring stage, and what a run hands to
+Ray Train's own processes keeps their start-up light."""
 
+import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import photos_and_captions, train_recipe, train_settings, training_metrics as metrics
+from conftest import ROOT, photos_and_captions, train_recipe, train_settings, training_metrics as metrics
 from helpers import curate
 from models.training.loop import run_training
 
@@ -122,3 +127,49 @@ def test_killed_training_resumes_from_its_checkpoint(clip_run):
     after = [m["step"] for m in lines[lines.index(resumed[-1]) + 1:] if "loss" in m]
     assert after[0] > resumed[-1]["step"] and after[-1] == max_steps  # the step count continues
     assert lines[-1]["final"] and (out / "export" / "checkpoint.pt").is_file()
+
+
+def test_the_training_datasets_plan_unpickles_without_torch(ray_cluster, synth, tmp_path):
+    """Ray Train's dataset manager (and with several workers Ray Data's split coordinator) unpickles the training
+    dataset's plan in a process of its own for every run: the preprocessing it carries is plain settings, which
+    import neither torch nor the model library there, and which prepare the same samples as the task itself."""
+    import ray
+    import ray.cloudpickle
+    from models.training import task_class
+    from models.training.data import TaskSpec, preprocess_block, read_samples
+    from models.training.loop import training_dataset
+    from models.training.recipe import load_train_config
+
+    model, train = load_train_config(task_class("clip"), str(train_recipe("clip")), [])
+    spec = TaskSpec("clip", dataclasses.asdict(model), dataclasses.asdict(train), str(tmp_path), run="one")
+    shards = [str(path) for path in sorted(synth.glob("*.tar"))]
+    plan = tmp_path / "plan.pkl"
+    plan.write_bytes(ray.cloudpickle.dumps(training_dataset(shards, spec)))
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "import ray, ray.cloudpickle; ray.init(logging_level='ERROR')\n"
+              f"ray.cloudpickle.loads(open({str(plan)!r}, 'rb').read())\n"
+              "print(sorted(name for name in ('torch', 'open_clip') if name in sys.modules))")
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert loaded.stdout.split("\n")[-2] == "[]", loaded.stdout
+    samples = {k: np.array(v[:8], dtype=object) for k, v in read_samples(shards[-1:]).items()}
+    from_spec = preprocess_block(samples, spec)
+    assert from_spec["tokens"].tolist() == preprocess_block(samples, spec.build())["tokens"].tolist()
+    assert from_spec["image"].shape == (8, 3, 32, 32)
+
+
+def test_ray_train_settings_hold_for_a_run_and_yield_to_the_environment(ray_cluster, monkeypatch):
+    from models.training.loop import POLL_INTERVAL_ENV, PREEMPTION_WATCHER_ENV, ray_train_environment
+
+    monkeypatch.delenv(POLL_INTERVAL_ENV, raising=False)
+    monkeypatch.delenv(PREEMPTION_WATCHER_ENV, raising=False)
+    with ray_train_environment():  # this session's cluster has one node
+        assert os.environ[POLL_INTERVAL_ENV] == "0.5" and os.environ[PREEMPTION_WATCHER_ENV] == "0"
+    assert POLL_INTERVAL_ENV not in os.environ and PREEMPTION_WATCHER_ENV not in os.environ
+    monkeypatch.setenv(POLL_INTERVAL_ENV, "3")
+    monkeypatch.setenv(PREEMPTION_WATCHER_ENV, "1")
+    with ray_train_environment():
+        assert os.environ[POLL_INTERVAL_ENV] == "3" and os.environ[PREEMPTION_WATCHER_ENV] == "1"
+    assert os.environ[POLL_INTERVAL_ENV] == "3" and os.environ[PREEMPTION_WATCHER_ENV] == "1"

@@ -4,8 +4,11 @@ sample that cannot be prepared is skipped rather than the block it is in."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import tarfile
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -79,9 +82,47 @@ def _add_sample(sample: dict, columns: dict[str, list]) -> None:
         columns["txt"].append(sample["txt"])
 
 
-def preprocess_block(batch: dict[str, np.ndarray], task: TrainTask) -> dict[str, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """A training task as plain values (its name, model and loop settings, output folder), rebuilt where it runs.
+
+    The training dataset's plan carries this rather than the task object: Ray Train's dataset manager and Ray
+    Data's split coordinator unpickle the plan in processes of their own, and a task object would make each of
+    them import torch and the model library for nothing (seconds of CPU per training run). ``run`` tells one
+    training run from another, so that a worker never reuses the task (and the tokenizer it loaded) of an
+    earlier run."""
+
+    name: str
+    model: dict
+    train: dict
+    output: str
+    run: str = ""
+
+    def build(self) -> TrainTask:
+        from models.training import task_class
+        from models.training.task import TrainSettings
+
+        cls = task_class(self.name)
+        return cls(cls.Settings(**self.model), TrainSettings(**self.train), Path(self.output))
+
+
+_built: dict[str, TrainTask] = {}  # per process: the task of the latest spec, with its loaded processor/tokenizer
+
+
+def task_of(spec: TaskSpec) -> TrainTask:
+    """The task ``spec`` describes, built once per process and run, and reused for every block it prepares."""
+    key = json.dumps(dataclasses.asdict(spec), sort_keys=True, default=str)
+    if key not in _built:
+        _built.clear()
+        _built[key] = spec.build()
+    return _built[key]
+
+
+def preprocess_block(batch: dict[str, np.ndarray], task: TrainTask | TaskSpec) -> dict[str, np.ndarray]:
     """Ray Data UDF: the task's CPU preprocessing (decode, augment, tokenise). A sample that cannot be prepared
     (an undecodable image in uncurated data) is skipped, never the whole block."""
+    if isinstance(task, TaskSpec):
+        task = task_of(task)
     try:
         return task.preprocess(batch)
     except Exception:  # noqa: BLE001 - find the bad samples below

@@ -9,18 +9,22 @@ Loop: AdamW, cosine schedule with linear warm-up, gradient clipping and accumula
 a gradient-checkpointing switch, seeded runs. Every ``checkpoint_every`` optimizer steps rank 0 attaches a
 checkpoint (model, optimizer, scheduler, step, task extras such as EMA) to ``ray.train.report``; rerunning the
 same command resumes from the latest one with the same step count, and ``FailureConfig`` restarts workers that
-die. Metrics go to ``OUTPUT/metrics.jsonl`` (and TensorBoard when installed); the final model is exported to
-``OUTPUT/export`` in the format its scoring stage loads.
+die. Metrics go to ``OUTPUT/metrics.jsonl`` every ``log_every`` steps (and TensorBoard when installed), written
+by rank 0 itself: Ray Train only hears of checkpoints. The final model is exported to ``OUTPUT/export`` in the
+format its scoring stage loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -28,9 +32,9 @@ import torch
 
 from models.devices import autocast_context
 from models.training import task_class
-from models.training.data import preprocess_block, read_samples, split_shards
+from models.training.data import TaskSpec, preprocess_block, read_samples, split_shards
 from models.training.recipe import load_train_config
-from models.training.task import TrainSettings, TrainTask
+from models.training.task import TrainTask
 
 STATE_FILE = "state.pt"
 
@@ -58,9 +62,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    task_cls = task_class(config["task"])
-    train = TrainSettings(**config["train"])
-    task = task_cls(task_cls.Settings(**config["model"]), train, Path(config["output"]))
+    task = TaskSpec(**config["task"]).build()
+    train = task.train
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(train.seed + rank)
@@ -87,11 +90,11 @@ def train_loop_per_worker(config: dict) -> None:
         step = state["step"]
         if rank == 0:
             print(f"[{task.name}] resumed from checkpoint at step {step}", flush=True)
-            with (Path(config["output"]) / "metrics.jsonl").open("a") as handle:
+            with (task.output / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps({"step": step, "event": "resumed"}) + "\n")
 
-    metrics_path = Path(config["output"]) / "metrics.jsonl"
-    writer = _tensorboard(Path(config["output"])) if rank == 0 else None
+    metrics_path = task.output / "metrics.jsonl"
+    writer = _tensorboard(task.output) if rank == 0 else None
     dataset = ray.train.get_dataset_shard("train")
     micro, window_steps, window_samples, window_start = 0, 0, 0, time.perf_counter()
     running: dict[str, float] = {}
@@ -137,7 +140,7 @@ def train_loop_per_worker(config: dict) -> None:
         final = {"step": step, "final": True, **task.evaluate(inner, _eval_batches(task, config, device))}
         with metrics_path.open("a") as handle:
             handle.write(json.dumps(final) + "\n")
-        task.export(inner, Path(config["output"]) / "export")
+        task.export(inner, task.output / "export")
 
 
 def _report(metrics, task, inner, optimizer, scheduler, step, rank, train, metrics_path, writer) -> None:
@@ -150,7 +153,12 @@ def _report(metrics, task, inner, optimizer, scheduler, step, rank, train, metri
         if writer is not None:
             for name, value in metrics.items():
                 writer.add_scalar(name, value, step)
-    if checkpoint_due and rank == 0:
+    # Ray Train hears of checkpoints only: its controller takes one report per poll of the workers (every
+    # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S) and a worker's next report waits until then, so reporting every logged
+    # step would hold fast training back. The metrics lines above need no report.
+    if not checkpoint_due:
+        return
+    if rank == 0:
         with tempfile.TemporaryDirectory() as directory:
             torch.save({"model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "extra": task.extra_state(), "step": step},
@@ -224,10 +232,47 @@ def _tensorboard(output: Path):
     return SummaryWriter(str(output / "tensorboard"))
 
 
+# Ray Train settings read from the environment (the driver's reaches its controller and workers), set for the
+# duration of a run unless the user set them: how often the controller polls the workers (Ray's default, 2 s, is
+# also how late it notices that training has finished), and, on a one-node cluster, no preemption watcher (an
+# actor started for every run, which watches for the nodes of the workers being drained: with one node, the
+# whole cluster would go with it).
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+POLL_INTERVAL_S = 0.5
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+@contextlib.contextmanager
+def ray_train_environment():
+    """``POLL_INTERVAL_ENV`` and, on a one-node cluster, ``PREEMPTION_WATCHER_ENV`` for one run, where the
+    environment does not set them already; the driver's environment is restored afterwards."""
+    import ray
+
+    settings = {POLL_INTERVAL_ENV: str(POLL_INTERVAL_S)}
+    if len([node for node in ray.nodes() if node.get("Alive")]) == 1:
+        settings[PREEMPTION_WATCHER_ENV] = "0"
+    added = [name for name in settings if name not in os.environ]
+    os.environ.update({name: settings[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def training_dataset(train_shards: list[str], spec: TaskSpec):
+    """The training shards read with Ray Data and prepared by the task's ``preprocess``, lazily."""
+    import ray.data
+
+    dataset = ray.data.read_webdataset(train_shards, decoder=None)
+    # Tasks, not an actor pool: a pool would hold its CPUs for the whole run, and with the train workers holding
+    # theirs the reads could starve on a small machine.
+    return dataset.map_batches(preprocess_block, fn_kwargs={"task": spec}, batch_format="numpy", batch_size=256)
+
+
 def run_training(task_name: str, config_path: str, data: str, output: str, overrides: list[str] | None = None,
                  address: str | None = None) -> dict:
     """Train ``task_name`` on the curated shards in ``data``; rerunning the same command resumes."""
-    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -238,26 +283,24 @@ def run_training(task_name: str, config_path: str, data: str, output: str, overr
     output_path = Path(output).resolve()
     output_path.mkdir(parents=True, exist_ok=True)
     train_shards, eval_shards = split_shards(data, train.eval_shards)
-    task = task_cls(model_settings, train, output_path)
-    task.prepare(train_shards)
+    spec = TaskSpec(task_name, dataclasses.asdict(model_settings), dataclasses.asdict(train), str(output_path),
+                    run=uuid.uuid4().hex)
+    spec.build().prepare(train_shards)
     init_ray(address)
-    dataset = ray.data.read_webdataset(train_shards, decoder=None)
-    # Tasks, not an actor pool: a pool would hold its CPUs for the whole run, and with the train workers holding
-    # theirs the reads could starve on a small machine.
-    dataset = dataset.map_batches(preprocess_block, fn_kwargs={"task": task}, batch_format="numpy", batch_size=256)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"task": task_name, "train": dataclasses.asdict(train),
-                           "model": dataclasses.asdict(model_settings), "output": str(output_path),
-                           "eval_shards": eval_shards},
+        train_loop_config={"task": dataclasses.asdict(spec), "eval_shards": eval_shards},
         scaling_config=ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu),
+        # One worker reads the whole dataset itself: a split among workers would add a coordinating actor (a
+        # process of its own, started for every run) that has nothing to split.
+        dataset_config=ray.train.DataConfig(datasets_to_split="all" if train.num_workers > 1 else []),
         run_config=ray.train.RunConfig(
             name=task_name, storage_path=str(output_path / "ray_train"),
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints)),
-        datasets={"train": dataset},
+        datasets={"train": training_dataset(train_shards, spec)},
     )
-    with MetricsFollower(output_path / "metrics.jsonl", task_name, train.max_steps):
+    with ray_train_environment(), MetricsFollower(output_path / "metrics.jsonl", task_name, train.max_steps):
         result = trainer.fit()
     lines = [json.loads(line) for line in (output_path / "metrics.jsonl").read_text().splitlines()]
     return {"metrics": result.metrics, "final": lines[-1], "export": str(output_path / "export")}
