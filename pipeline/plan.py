@@ -21,17 +21,13 @@ from typing import Iterator
 import pyarrow as pa
 import ray
 
-from pipeline import steps
 from pipeline.shards import Shard
-from pipeline.steps import SUMMARY_SCHEMA, RunContext, run_model_stage, slim_batches, write_model_results
+from pipeline.steps import (SUMMARY_SCHEMA, RunContext, curate_shards, run_model_stage, slim_batches,
+                            write_model_results)
 
 
 def _summary_table(summaries: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
-
-
-def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[dict]:
-    yield from steps.curate_shards(ctx, shards)
 
 
 class ShardTasks:
@@ -49,9 +45,7 @@ class ShardTasks:
             (ready,), _ = ray.wait(running, num_returns=1)
             try:
                 yield ray.get(next(ready))
-            except StopIteration:
-                running.remove(ready)
-            except ray.exceptions.RayError:
+            except (StopIteration, ray.exceptions.RayError):  # the task is done, or failed for good
                 running.remove(ready)
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import time
@@ -301,8 +300,7 @@ def annotate_in_actor(table: pa.Table, stages: list[Stage], plan: StepPlan, inde
     stage = stages[index]
     first = index == plan.models[0]
     inputs = [stages[position] for position in plan.model_inputs]
-    preparing = getattr(stage, "preparing_inputs", None)
-    with preparing(inputs) if preparing is not None else contextlib.nullcontext():
+    with stage.preparing_inputs(inputs):
         for position in plan.model_inputs:
             maker = stages[position]
             started = time.process_time()

@@ -12,6 +12,7 @@ only affect the verdict; every other setting changes the annotations and therefo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -111,6 +112,11 @@ class Stage:
     def load(self) -> Any:
         """Load models or other heavy resources (model stages load once per actor); nothing by default."""
         return None
+
+    def preparing_inputs(self, input_stages: list["Stage"]) -> contextlib.AbstractContextManager:
+        """Around the stages that make this stage's inputs in its actor, and this stage's work on them; nothing by
+        default (model stages on CUDA have the decode stage decode on their device)."""
+        return contextlib.nullcontext()
 
     def annotate(self, batch: SampleBatch) -> dict[str, list[Any]]:
         """Return one list per column in ``columns`` (plus ``caption`` when ``rewrites_caption``)."""
