@@ -9,8 +9,9 @@ size. Measured in the same run, back to back:
   parses each image header (PIL's lazy open), times two cores; and the same with vlcurate's own tar reader and
   header parser;
 * vlcurate on Ray (this process as driver, Ray started once and warmed up on a small run, not counted): samples/s
-  in steady state, its ratio to the floor, machine memory in use above idle and the largest Ray worker's peak
-  RSS, and for ``--scales`` the same corpus replicated 1x and 4x (linearity).
+  in steady state, its ratio to the floor, and for ``--scales`` the same corpus replicated 1x and 4x (linearity);
+  each run is timed alone, then repeated under a memory monitor for machine memory in use above idle and the
+  largest Ray worker's peak RSS (the monitor's own reads would slow the timed run on a small machine).
 """
 
 from __future__ import annotations
@@ -136,9 +137,13 @@ def main():
                                        args.per_shard[0])))
         for name, corpus in runs:
             out = work / f"out-{corpus.name}"
+            # Timed without the memory monitor (its reads of every process's memory map cost CPU that the run
+            # would miss on a small machine), then run again under the monitor for the memory columns.
+            shutil.rmtree(out, ignore_errors=True)
+            result = run_curation(config, [str(corpus)], str(out), progress=False)
             shutil.rmtree(out, ignore_errors=True)
             with MachineMonitor() as monitor:
-                result = run_curation(config, [str(corpus)], str(out), progress=False)
+                run_curation(config, [str(corpus)], str(out), progress=False)
             rate = result.samples_processed / result.seconds
             print(f"{name:<28}{result.samples_processed:>9}{result.seconds:>8.1f}{rate:>11.0f}{rate / stdlib:>8.2f}"
                   f"{rate / fast:>12.2f}{monitor.above_idle / MIB:>20.0f}{monitor.largest_worker / MIB:>20.0f}")
