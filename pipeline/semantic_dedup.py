@@ -16,7 +16,10 @@ that pass every other stage and have an embedding take part, in a canonical orde
    sample's duplicate (the most similar one).
 
 The same candidates give the same clusters and verdicts, so a rerun, a refresh (clustered again over all shards)
-and ``vlcurate select`` with a new threshold agree with one fresh run over all inputs.
+and ``vlcurate select`` with a new threshold agree with one fresh run over all inputs. Similarities are float32
+matrix products, whose last bits depend on the BLAS kernel (how many rows, how many threads); wherever such a
+difference could change a decision (two centroids within ``EXACT_MARGIN`` of each other, a pair within it of the
+threshold) the similarity is computed again exactly, in float64 summed in a fixed order.
 
 A run searches on Ray (``find_semantic_duplicates_on_ray``): the embeddings stay in Ray's object store, and the
 driver holds the candidates' metadata, the k-means training rows (at most 256 per cluster) and the near pairs.
@@ -142,16 +145,45 @@ def cluster_sums(vectors: np.ndarray, labels: np.ndarray, clusters: int) -> np.n
 
 
 def assign(vectors: np.ndarray, centroids: np.ndarray, nearest: int = 1) -> np.ndarray:
-    """The indices of the ``nearest`` centroids of each row, nearest first (ties: the lower index)."""
+    """The indices of the ``nearest`` centroids of each row, nearest first (ties: the lower index).
+
+    The float32 matrix product's last bits depend on the BLAS kernel, which depends on how many rows are
+    multiplied at once and on the threads (a Ray worker has one): a row whose order among its nearest centroids
+    is closer than ``EXACT_MARGIN`` is scored again exactly (``exact_dots``), so that its clusters are the same
+    wherever and with whatever rows it is assigned."""
     nearest = min(nearest, len(centroids))
     labels = np.empty((len(vectors), nearest), np.int64)
     for start in range(0, len(vectors), ASSIGN_BLOCK):
-        scores = vectors[start:start + ASSIGN_BLOCK] @ centroids.T
-        if nearest == 1:
-            labels[start:start + ASSIGN_BLOCK, 0] = np.argmax(scores, axis=1)
-        else:
-            labels[start:start + ASSIGN_BLOCK] = np.argsort(-scores, axis=1, kind="stable")[:, :nearest]
+        block = vectors[start:start + ASSIGN_BLOCK]
+        # the decisive scores: the nearest centroids' and the next one's
+        order, top = highest(block @ centroids.T, min(nearest + 1, len(centroids)))
+        labels[start:start + len(block)] = order[:, :nearest]
+        for row in np.flatnonzero((-np.diff(top, axis=1) < EXACT_MARGIN).any(axis=1)):
+            exact = exact_dots(np.broadcast_to(block[row], centroids.shape), centroids)
+            labels[start + row] = np.argsort(-exact, kind="stable")[:nearest]
     return labels
+
+
+def highest(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The columns of the ``count`` highest scores of each row, highest first (ties: the lower column), and those
+    scores; ``scores`` is overwritten. One maximum at a time: for a few, far cheaper than sorting the rows."""
+    rows = np.arange(len(scores))
+    order = np.empty((len(scores), count), np.int64)
+    values = np.empty((len(scores), count), scores.dtype)
+    for k in range(count):
+        order[:, k] = np.argmax(scores, axis=1)
+        values[:, k] = scores[rows, order[:, k]]
+        scores[rows, order[:, k]] = -np.inf
+    return order, values
+
+
+EXACT_MARGIN = 1e-5  # far above the float32 product's error (about 2e-7 for unit vectors), far below real gaps
+
+
+def exact_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The dot products of the rows of ``a`` and ``b`` (same shape) in float64, summed in a fixed order: the same
+    values whatever BLAS, threads or batch computed the float32 estimate."""
+    return (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1)
 
 
 def within_cluster_duplicates(vectors: np.ndarray, rank: np.ndarray, labels: np.ndarray,
@@ -206,16 +238,21 @@ def keep_rule(near: dict[int, dict[int, float]], rank: np.ndarray, count: int) -
 
 def near_earlier_members(block: np.ndarray, threshold: float):
     """For each member (in rank order) with earlier members at or above ``threshold``: its position, theirs and
-    the similarities. Most members have none, so only those few go through the keep rule one by one."""
+    the similarities. Most members have none, so only those few go through the keep rule one by one. The float32
+    product finds the pairs within ``EXACT_MARGIN`` of the threshold; their similarity is computed again exactly
+    and decides (``exact_dots``), so that verdicts and figures do not depend on where the search ran."""
     count = len(block)
     for start in range(0, count, NEAR_BLOCK):
         end = min(count, start + NEAR_BLOCK)
         similarities = block[start:end] @ block[:end].T
         rows = np.arange(start, end)[:, None]
-        near = (similarities >= threshold) & (np.arange(end)[None, :] < rows)
+        near = (similarities >= threshold - EXACT_MARGIN) & (np.arange(end)[None, :] < rows)
         for row in np.flatnonzero(near.any(axis=1)):
             earlier = np.flatnonzero(near[row])
-            yield start + row, earlier, similarities[row, earlier]
+            exact = exact_dots(np.broadcast_to(block[start + row], (len(earlier), block.shape[1])), block[earlier])
+            reached = exact >= threshold
+            if reached.any():
+                yield start + row, earlier[reached], exact[reached].astype(np.float32)
 
 
 VERDICT_SCHEMA = {"shard": pl.String, "position": pl.Int64, "semantic_duplicate_of": pl.String,
