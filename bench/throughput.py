@@ -10,8 +10,9 @@ size. Measured in the same run, back to back:
   header parser;
 * vlcurate on Ray (this process as driver, Ray started once and warmed up on a small run, not counted): samples/s
   in steady state, its ratio to the floor, and for ``--scales`` the same corpus replicated 1x and 4x (linearity);
-  each run is timed alone, then repeated under a memory monitor for machine memory in use above idle and the
-  largest Ray worker's peak RSS (the monitor's own reads would slow the timed run on a small machine).
+  each corpus is run first under a memory monitor (machine memory in use above idle, the largest Ray worker's
+  peak RSS), then again, timed alone (the monitor's own reads would slow it on a small machine), with every
+  worker process started and its models loaded.
 """
 
 from __future__ import annotations
@@ -137,13 +138,14 @@ def main():
                                        args.per_shard[0])))
         for name, corpus in runs:
             out = work / f"out-{corpus.name}"
-            # Timed without the memory monitor (its reads of every process's memory map cost CPU that the run
-            # would miss on a small machine), then run again under the monitor for the memory columns.
-            shutil.rmtree(out, ignore_errors=True)
-            result = run_curation(config, [str(corpus)], str(out), progress=False)
+            # Run under the memory monitor for the memory columns, then again, timed without it: its reads of
+            # every process's memory map cost CPU that the run would miss on a small machine, and the first pass
+            # leaves every worker process started, with its models loaded (the steady state).
             shutil.rmtree(out, ignore_errors=True)
             with MachineMonitor() as monitor:
                 run_curation(config, [str(corpus)], str(out), progress=False)
+            shutil.rmtree(out, ignore_errors=True)
+            result = run_curation(config, [str(corpus)], str(out), progress=False)
             rate = result.samples_processed / result.seconds
             print(f"{name:<28}{result.samples_processed:>9}{result.seconds:>8.1f}{rate:>11.0f}{rate / stdlib:>8.2f}"
                   f"{rate / fast:>12.2f}{monitor.above_idle / MIB:>20.0f}{monitor.largest_worker / MIB:>20.0f}")
