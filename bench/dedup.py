@@ -17,7 +17,9 @@ Prints three tables:
      grouped with their original; *distinct never merged*: the share of non-copy images whose group holds no
      other non-copy image; *across layouts*: the same, counting only merges with a scene of another layout
      (shape position or size): synthetic scenes of one layout that differ only in colour, shape outline or
-     jitter are nearly the same picture at the scale of a 64-bit hash;
+     jitter are nearly the same picture at the scale of a 64-bit hash; *other scenes*: the same, counting only
+     merges with another scene (shape, colours, size or position differ: synth has 2,800 scenes, so most of
+     its samples share theirs with another, and two drawings of one scene are the same picture);
    * on real photos (Flickr8k and the product photos of ../shared/data), the same copies made with the same
      transforms, and the real photos themselves as the distinct images.
 2. Hashing speed on the product photos (about 1800x2400 JPEGs) and on Flickr8k's web-size photos, one process
@@ -155,9 +157,12 @@ def quality(samples: list[dict], group: dict[str, str], fingerprints: dict[str, 
     merged = [s for members in roots.values() if len(members) > 1 for s in members]
     across = [s for members in roots.values() if len(members) > 1 for s in members
               if any(m.get("layout") != s.get("layout") for m in members)]
+    other_scene = [s for members in roots.values() if len(members) > 1 for s in members
+                   if any(m.get("scene") != s.get("scene") for m in members)]
     return {"found": {k: (sum(v), len(v)) for k, v in found.items()}, "apart": (sum(apart), len(apart)),
             "distinct": (len(distinct) - len(merged), len(distinct)),
-            "across_layouts": (len(distinct) - len(across), len(distinct))}
+            "across_layouts": (len(distinct) - len(across), len(distinct)),
+            "other_scenes": (len(distinct) - len(other_scene), len(distinct))}
 
 
 def synth_samples(folder: Path, count: int) -> list[dict]:
@@ -173,7 +178,8 @@ def synth_samples(folder: Path, count: int) -> list[dict]:
                                 "image": row["image"], "caption": row["caption"],
                                 "copy_of": copy["of"] if copy else None, "kind": copy["kind"] if copy else None,
                                 "lookalike_of": None if copy else truth.get("lookalike_of"),
-                                "layout": (truth["position"], truth["size"])})
+                                "layout": (truth["position"], truth["size"]),
+                                "scene": tuple(truth[k] for k in ("shape", "colour", "size", "position", "background"))})
     return samples
 
 
@@ -203,7 +209,8 @@ def share(pair: tuple[int, int]) -> str:
 def quality_table(sets: dict[str, list[dict]], rules: list[tuple[int, int]]) -> None:
     header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}{'crop':>6}{'c.chr':>6}{'resid':>6}"
               + "".join(f"{k:>11}" for k in KINDS)
-              + f"{'look-alikes apart':>19}{'distinct never merged':>23}{'(across layouts)':>18}")
+              + f"{'look-alikes apart':>19}{'distinct never merged':>23}{'(across layouts)':>18}"
+              + f"{'(other scenes)':>16}")
     print(header)
     for label, samples in sets.items():
         frame = fingerprint(samples)
@@ -213,9 +220,10 @@ def quality_table(sets: dict[str, list[dict]], rules: list[tuple[int, int]]) -> 
         for rule in rules:
             result = quality(samples, groups_of(frame, rule), fingerprints, rule)
             layout = share(result["across_layouts"]) if with_layout else "-"
+            scenes = share(result["other_scenes"]) if with_layout else "-"
             print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}{rule[2]:>6}{rule[3]:>6}{rule[4]:>6g}"
                   + "".join(f"{share(result['found'][k]):>11}" for k in KINDS)
-                  + f"{share(result['apart']):>19}{share(result['distinct']):>23}{layout:>18}")
+                  + f"{share(result['apart']):>19}{share(result['distinct']):>23}{layout:>18}{scenes:>16}")
         print(f"{'':<8}{'(samples)':>37}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
               + f"{result['apart'][1]:>19}{result['distinct'][1]:>23}")
 
