@@ -5,9 +5,10 @@
 
 Prints three tables:
 
-1. Quality per rule ``MAX_HAMMING:MAX_CHROMA_HAMMING:CROP_HAMMING:CROP_CHROMA_HAMMING:CROP_MAX_RESIDUAL`` (-1,
-   or a field left out: no colour check, no crop matching, no thumbnail check), with the dedup stage's own
-   hashing and the global search (``pipeline.dedup``):
+1. Quality per rule ``MAX_HAMMING:MAX_CHROMA_HAMMING:CROP_HAMMING:CROP_CHROMA_HAMMING:CROP_MAX_RESIDUAL:
+   MAX_COLOUR_DISTANCE:CROP_COLOUR_DISTANCE`` (-1, or a field left out: no chroma check, no crop matching, no
+   thumbnail check, no mean-colour check), with the dedup stage's own hashing and the global search
+   (``pipeline.dedup``):
    * on `vlcurate synth` data with duplicate noise (copies of earlier samples: byte-identical, re-encoded at JPEG
      quality 60-90, resized to 50-90%, cropped by up to 10% per side; look-alikes: the same scene with the shape
      moved): a copy is *found* when it matches its original (same bytes, whole-image hashes within the
@@ -66,10 +67,12 @@ from pipeline.shards import iter_sample_batches  # noqa: E402
 from pipeline.synth import COPY_TYPES, SynthOptions, copy_image, write_synth  # noqa: E402
 from stages.base import SampleBatch  # noqa: E402
 from stages.dedup import (CUT_PAIRS, KEY_BITS, THUMBNAIL_SIDE, WINDOWS, DedupParams, DedupStage,  # noqa: E402
-                          area_matrix, fingerprint as image_fingerprint, hamming, hash_planes, perceptual_hashes)
+                          area_matrix, colour_distance, fingerprint as image_fingerprint, hamming, hash_planes,
+                          perceptual_hashes)
 
 SHARED = ROOT.parent / "shared" / "data"
 KINDS = [name.removeprefix("duplicate_") for name in COPY_TYPES]
+SCENE_FIELDS = ("shape", "colour", "size", "position", "background")  # what makes two synth scenes differ
 
 
 # ------------------------------------------------------------------------------------ quality
@@ -88,31 +91,41 @@ def fingerprint(samples: list[dict]) -> pl.DataFrame:
         "caption_hash": values["dedup_caption_hash"],
         "score": [None] * len(samples), "probe": values["dedup_probe_bits"],
         "windows": values["dedup_window_phash"], "window_chroma": values["dedup_window_chroma"],
-        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.Binary)},
+        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.Binary), "mean_colour": values["dedup_colour"],
+        "window_colour": values["dedup_window_colour"]},
         schema=SAMPLE_SCHEMA))
 
 
 def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int, crop: int = -1, crop_chroma: int = -1,
-            residual: float = -1, probed: bool = True) -> bool:
-    """Whether two (sha, pHash, chroma hash, probe bits, window pHashes, window chroma hashes, thumbnail)
-    fingerprints match: the same bytes, whole-image hashes within the distances, or one's pHash within the crop
-    distances of one of the other's windows and, unless ``residual`` is -1, the thumbnails within it once aligned
-    at those windows. The near-duplicate search finds every such pair (tests/test_dedup.py checks it against all
-    pairs); the crop search finds a crop pair when the differing key bits are among the probed ones, which this
-    checks too (``probed``), so this is the recall of the search itself."""
+            residual: float = -1, max_colour: int = -1, crop_colour: int = -1, probed: bool = True) -> bool:
+    """Whether two (sha, pHash, chroma hash, probe bits, window pHashes, window chroma hashes, thumbnail, mean
+    colour, window mean colours) fingerprints match: the same bytes, whole-image hashes (and mean colours) within
+    the distances, or one's pHash within the crop distances of one of the other's windows (and its mean colour
+    within ``crop_colour`` of that window's) and, unless ``residual`` is -1, the thumbnails within it once
+    aligned at those windows. The near-duplicate search
+    finds every such pair (tests/test_dedup.py checks it against all pairs); the crop search finds a crop pair
+    when the differing key bits are among the probed ones, which this checks too (``probed``), so this is the
+    recall of the search itself."""
     if a[0] == b[0]:
         return True
     if a[1] is None or b[1] is None:
         return False
+    def colours_within(first: int | None, second: int | None, limit: int) -> bool:
+        if limit < 0 or first is None or second is None:
+            return True
+        return int(colour_distance(np.array(first), np.array(second))) <= limit
+
     if max_hamming >= 0 and hamming(a[1], b[1]) <= max_hamming and (
-            max_chroma < 0 or hamming(a[2], b[2]) <= max_chroma):
+            max_chroma < 0 or hamming(a[2], b[2]) <= max_chroma) and colours_within(a[7], b[7], max_colour):
         return True
     if crop < 0 or max_hamming < 0:  # max_hamming -1: byte-identical copies only
         return False
     for query, original in ((a, b), (b, a)):
         matched = 0
         for slot, (window, colour) in enumerate(zip(original[4], original[5])):
-            if hamming(query[1], window) <= crop and (crop_chroma < 0 or hamming(query[2], colour) <= crop_chroma):
+            mean = original[8][slot] if original[8] is not None else None
+            if hamming(query[1], window) <= crop and (crop_chroma < 0 or hamming(query[2], colour) <= crop_chroma) \
+                    and colours_within(query[7], mean, crop_colour):
                 differing = (query[1] ^ window) & KEY_BITS & ~query[3]
                 if differing == 0 or not probed:
                     matched |= 1 << slot
@@ -132,9 +145,10 @@ def aligned(crop: bytes | None, original: bytes | None, matched: int, residual: 
 
 def groups_of(frame: pl.DataFrame, rule: tuple) -> dict[str, str]:
     """Each sample's group: the "stem/key" of the sample kept for it (its own when it is kept)."""
-    max_hamming, max_chroma, crop, crop_chroma, residual = rule
+    max_hamming, max_chroma, crop, crop_chroma, residual, max_colour, crop_colour = rule
     duplicates = find_duplicates(frame, max_hamming, max_chroma_hamming=max_chroma, crop_hamming=crop,
-                                 crop_chroma_hamming=crop_chroma, crop_max_residual=residual)
+                                 crop_chroma_hamming=crop_chroma, crop_max_residual=residual,
+                                 max_colour_distance=max_colour, crop_colour_distance=crop_colour)
     named = frame.select((pl.col("stem") + "/" + pl.col("key")).alias("name"), "shard", "position")
     joined = named.join(duplicates, on=["shard", "position"], how="left")
     return dict(zip(joined["name"], joined["dedup_duplicate_of"].fill_null(joined["name"])))
@@ -179,7 +193,7 @@ def synth_samples(folder: Path, count: int) -> list[dict]:
                                 "copy_of": copy["of"] if copy else None, "kind": copy["kind"] if copy else None,
                                 "lookalike_of": None if copy else truth.get("lookalike_of"),
                                 "layout": (truth["position"], truth["size"]),
-                                "scene": tuple(truth[k] for k in ("shape", "colour", "size", "position", "background"))})
+                                "scene": tuple(truth[k] for k in SCENE_FIELDS)})
     return samples
 
 
@@ -207,7 +221,7 @@ def share(pair: tuple[int, int]) -> str:
 
 
 def quality_table(sets: dict[str, list[dict]], rules: list[tuple[int, int]]) -> None:
-    header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}{'crop':>6}{'c.chr':>6}{'resid':>6}"
+    header = (f"{'data':<8}{'max_hamming':>12}{'chroma':>7}{'crop':>6}{'c.chr':>6}{'resid':>6}{'col':>5}{'c.col':>6}"
               + "".join(f"{k:>11}" for k in KINDS)
               + f"{'look-alikes apart':>19}{'distinct never merged':>23}{'(across layouts)':>18}"
               + f"{'(other scenes)':>16}")
@@ -215,16 +229,17 @@ def quality_table(sets: dict[str, list[dict]], rules: list[tuple[int, int]]) -> 
     for label, samples in sets.items():
         frame = fingerprint(samples)
         fingerprints = {f"{row[0]}/{row[1]}": row[2:] for row in frame.select(
-            "stem", "key", "sha", "phash", "chroma", "probe", "windows", "window_chroma", "thumbnail").iter_rows()}
+            "stem", "key", "sha", "phash", "chroma", "probe", "windows", "window_chroma", "thumbnail",
+            "mean_colour", "window_colour").iter_rows()}
         with_layout = any(s.get("layout") for s in samples)
         for rule in rules:
             result = quality(samples, groups_of(frame, rule), fingerprints, rule)
             layout = share(result["across_layouts"]) if with_layout else "-"
             scenes = share(result["other_scenes"]) if with_layout else "-"
-            print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}{rule[2]:>6}{rule[3]:>6}{rule[4]:>6g}"
+            print(f"{label:<8}{rule[0]:>12}{rule[1]:>7}{rule[2]:>6}{rule[3]:>6}{rule[4]:>6g}{rule[5]:>5}{rule[6]:>6}"
                   + "".join(f"{share(result['found'][k]):>11}" for k in KINDS)
                   + f"{share(result['apart']):>19}{share(result['distinct']):>23}{layout:>18}{scenes:>16}")
-        print(f"{'':<8}{'(samples)':>37}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
+        print(f"{'':<8}{'(samples)':>48}" + "".join(f"{result['found'][k][1]:>11}" for k in KINDS)
               + f"{result['apart'][1]:>19}{result['distinct'][1]:>23}")
 
 
@@ -493,11 +508,11 @@ def scale_table(count: int, rules: list[tuple[int, int]], shards: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=6000, help="synthetic samples for the quality table")
-    parser.add_argument("--rules", nargs="+", default=["3:-1:-1:-1", "3:6:-1:-1", "4:6:-1:-1", "3:6:6:10", "3:6:7:10",
-                                                       "3:6:6:10:7.5", "3:6:7:10:7.5", "3:6:8:10:7.5"],
-                        help="MAX_HAMMING:MAX_CHROMA_HAMMING[:CROP_HAMMING:CROP_CHROMA_HAMMING[:CROP_MAX_RESIDUAL]] "
-                             "for the quality table (-1 or left out: no colour check, no crop matching, no "
-                             "thumbnail check)")
+    parser.add_argument("--rules", nargs="+", default=["3:-1:-1:-1", "3:6:-1:-1", "3:6:-1:-1:-1:8", "3:6:7:10",
+                                                       "3:6:7:10:7.5", "3:6:7:10:7.5:8:8", "3:6:8:10:7.5:8:8"],
+                        help="MAX_HAMMING:MAX_CHROMA_HAMMING[:CROP_HAMMING:CROP_CHROMA_HAMMING[:CROP_MAX_RESIDUAL"
+                             "[:MAX_COLOUR_DISTANCE[:CROP_COLOUR_DISTANCE]]]] for the quality table (-1 or left out: "
+                             "no colour check, no crop matching, no thumbnail check, no mean-colour check)")
     parser.add_argument("--hashes", type=int, default=1_000_000)
     parser.add_argument("--scale-rules", nargs="+", default=["3:-1", "3:6", "4:6"],
                         help="MAX_HAMMING:CROP_HAMMING pairs for the search at scale (-1: no crop matching)")
@@ -521,7 +536,7 @@ def main() -> None:
                 sets["real"] = real_samples()
             rules = [tuple(float(x) if index == 4 else int(x) for index, x in enumerate(rule.split(":")))
                      for rule in args.rules]
-            quality_table(sets, [rule + (-1,) * (5 - len(rule)) for rule in rules])
+            quality_table(sets, [rule + (-1,) * (7 - len(rule)) for rule in rules])
 
 
 if __name__ == "__main__":

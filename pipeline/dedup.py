@@ -30,6 +30,12 @@ same verdicts as one fresh run over all the shards.
   that is not among the 7 probed is missed (about 1% of the crops within the distances, on real photos). Cost:
   ``128 * 16 * N**2 / 2**24`` candidates for uniformly spread hashes (120 million for a million samples, about
   26 CPU seconds): see ``bench/dedup.py``.
+* **Colour** (``max_colour_distance``, ``crop_colour_distance``, unless -1): a near pair's mean colours
+  (``stages.dedup``) must be within ``max_colour_distance`` levels in each of Y, Cb and Cr, and a crop's mean
+  colour within ``crop_colour_distance`` of the mean colour of one of the windows its pHash matched; the hashes
+  alone match a picture with the same one in other colours. Samples whose hashes are equal but whose mean
+  colours differ are not collapsed before the search, so this check sees them. A sample without mean colours (a
+  manifest written before colours were compared) passes.
 * **Crop verification** (``crop_max_residual``, unless -1): each crop pair found is checked on the two
   samples' luma thumbnails (``stages.dedup``; read only for the samples in crop pairs): the original's
   thumbnail is cut to a box and compared with the crop's, both resampled to ``COMPARE_SIDE`` x
@@ -64,16 +70,17 @@ from pipeline.curate import drop_reason_expr
 from pipeline.outputs import OutputDir
 from stages.base import Stage
 from stages.dedup import (CUT_PAIRS, KEY_BITS, THUMBNAIL_SIDE, VERDICT_COLUMNS, WINDOWS, DedupParams, DedupStage,
-                          ResolvedDedupStage, area_matrix, evaluation_images, fingerprint)
+                          ResolvedDedupStage, area_matrix, colour_distance, evaluation_images, fingerprint)
 
 HASH_BITS = 64
 PAIR_BLOCK = 1 << 22  # candidate pairs compared at once: bounds the search's working memory (about 200 MiB)
 SAMPLE_SCHEMA = {"stem": pl.String, "shard": pl.String, "position": pl.Int64, "key": pl.String, "sha": pl.UInt64,
                  "phash": pl.Int64, "chroma": pl.Int64, "caption_hash": pl.Int64, "score": pl.Float64,
                  "probe": pl.Int64, "windows": pl.List(pl.Int64), "window_chroma": pl.List(pl.Int64),
-                 "thumbnail": pl.Binary}
+                 "thumbnail": pl.Binary, "mean_colour": pl.Int32, "window_colour": pl.List(pl.Int32)}
 # Absent from manifests written before crops were matched (the thumbnail: before crop matches were verified).
 CROP_COLUMNS = ("probe", "windows", "window_chroma", "thumbnail")
+COLOUR_COLUMNS = ("mean_colour", "window_colour")  # absent from manifests written before colours were compared
 EVALUATION_STEM = "evaluation"  # the ``stem`` of evaluation images in the search's input
 RESULT_SCHEMA = {"shard": pl.String, "position": pl.Int64, "dedup_duplicate_of": pl.String,
                  "dedup_match": pl.String, "dedup_distance": pl.Int32}
@@ -381,7 +388,7 @@ def _window_arrays(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def _with_crop_columns(samples: pl.DataFrame) -> pl.DataFrame:
-    missing = [pl.lit(None, dtype=SAMPLE_SCHEMA[name]).alias(name) for name in CROP_COLUMNS
+    missing = [pl.lit(None, dtype=SAMPLE_SCHEMA[name]).alias(name) for name in (*CROP_COLUMNS, *COLOUR_COLUMNS)
                if name not in samples.columns]
     return samples.with_columns(missing) if missing else samples
 
@@ -420,13 +427,19 @@ def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0,
     if rule.max_hamming < 0:  # byte-identical copies only (no near or crop matching)
         return np.where(np.arange(count) < protected, np.arange(count), keeper)
     colour = pl.col("chroma").fill_null(0) if rule.max_chroma_hamming >= 0 else pl.lit(0, pl.Int64)
-    hashed = rows.filter(pl.col("phash").is_not_null()).with_columns(colour.alias("colour")).with_columns(
-        pl.col("id").min().over("phash", "colour", "same_caption").alias("hash_rep"))
+    # equal hashes are collapsed before the search; with a colour check, only those of one mean colour
+    checked = max(rule.max_colour_distance, rule.crop_colour_distance) >= 0
+    mean = pl.col("mean_colour").fill_null(-1) if checked else pl.lit(-1, pl.Int32)
+    hashed = rows.filter(pl.col("phash").is_not_null()).with_columns(colour.alias("colour"), mean.alias("mean"))
+    hashed = hashed.with_columns(pl.col("id").min().over("phash", "colour", "mean", "same_caption").alias("hash_rep"))
     unique = hashed.filter(pl.col("id") == pl.col("hash_rep"))
     unique_ids = unique["id"].to_numpy().astype(np.int64)
     groups = unique["same_caption"].to_numpy() if rule.scope == "image_and_caption" else None
     lows, highs = near_pairs(unique["phash"].to_numpy(), rule.max_hamming, groups, unique["colour"].to_numpy(),
                              rule.max_chroma_hamming)
+    means = unique["mean"].to_numpy()
+    close = colours_close(means, lows, highs, rule.max_colour_distance)
+    lows, highs = lows[close], highs[close]
     if rule.crop_hamming >= 0:
         rows_with, windows, window_chroma = _window_arrays(unique)
         if len(rows_with):
@@ -435,6 +448,9 @@ def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0,
                 rule.crop_hamming, unique["chroma"][rows_with].fill_null(0).to_numpy(), window_chroma,
                 rule.crop_chroma_hamming, groups[rows_with] if groups is not None else None)
             crops, originals = rows_with[crops], rows_with[originals]
+            close = crop_colours_close(means, unique["window_colour"], crops, originals, matched,
+                                       rule.crop_colour_distance)
+            crops, originals, matched = crops[close], originals[close], matched[close]
             if rule.crop_max_residual >= 0 and len(crops):
                 keep = _aligned(unique, crops, originals, matched, rule.crop_max_residual, thumbnails)
                 crops, originals = crops[keep], originals[keep]
@@ -452,6 +468,34 @@ def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0,
     return keeper
 
 
+def colours_close(means: np.ndarray, firsts: np.ndarray, seconds: np.ndarray, max_distance: int) -> np.ndarray:
+    """Which pairs ``(firsts[k], seconds[k])`` of rows have mean colours (packed, -1: unknown) within
+    ``max_distance`` levels in each channel; a pair with an unknown side passes, and every pair when
+    ``max_distance`` is -1."""
+    if max_distance < 0 or not len(firsts):
+        return np.ones(len(firsts), dtype=bool)
+    a, b = means[firsts], means[seconds]
+    return (a < 0) | (b < 0) | (colour_distance(a, b) <= max_distance)
+
+
+def crop_colours_close(means: np.ndarray, window_colours: pl.Series, crops: np.ndarray, originals: np.ndarray,
+                       matched: np.ndarray, max_distance: int) -> np.ndarray:
+    """Which crop pairs have the crop's mean colour (``means``, packed, -1: unknown) within ``max_distance`` levels
+    in each channel of the mean colour of one of the original's windows its pHash matched (``matched``: a mask
+    of window slots); a pair with an unknown side passes, and every pair when ``max_distance`` is -1."""
+    if max_distance < 0 or not len(crops):
+        return np.ones(len(crops), dtype=bool)
+    wanted = window_colours[originals]
+    complete = (wanted.list.len().fill_null(0) == WINDOWS).to_numpy()
+    theirs = np.full((len(crops), WINDOWS), -1, np.int64)
+    if complete.any():
+        theirs[complete] = wanted.filter(pl.Series(complete)).explode().to_numpy().astype(np.int64).reshape(-1, WINDOWS)
+    own = np.broadcast_to(means[crops][:, None], theirs.shape)
+    within = (own < 0) | (theirs < 0) | (colour_distance(own, theirs) <= max_distance)
+    slots = ((matched[:, None] >> np.arange(WINDOWS)) & 1).astype(bool)
+    return (within & slots).any(axis=1)
+
+
 def _distances(copies: pl.DataFrame, kept: pl.DataFrame, rule: DedupParams) -> tuple[np.ndarray, np.ndarray]:
     """(match kind, pHash distance) of each copy to the sample it duplicates: ``exact`` (same bytes), ``near``
     (whole-image hashes within the distances) or ``crop`` (then the distance to the closest window, either
@@ -464,6 +508,9 @@ def _distances(copies: pl.DataFrame, kept: pl.DataFrame, rule: DedupParams) -> t
     colour = np.bitwise_count(copies["chroma"].fill_null(0).to_numpy().view(np.uint64)
                               ^ kept["chroma"].fill_null(0).to_numpy().view(np.uint64))
     near = (distance <= rule.max_hamming) & ((rule.max_chroma_hamming < 0) | (colour <= rule.max_chroma_hamming))
+    means = pl.concat([copies["mean_colour"], kept["mean_colour"]]).fill_null(-1).to_numpy()
+    pairs = np.arange(copies.height)
+    near &= colours_close(means, pairs, pairs + copies.height, rule.max_colour_distance)
     kind = np.where(same_bytes, "exact", np.where(near & both_hashed, "near", "crop"))
     cropped = np.flatnonzero((kind == "crop") & both_hashed)
     if len(cropped):
@@ -479,17 +526,21 @@ def _distances(copies: pl.DataFrame, kept: pl.DataFrame, rule: DedupParams) -> t
 def find_duplicates(samples: pl.DataFrame, max_hamming: int, scope: str = "image",
                     max_chroma_hamming: int = -1, crop_hamming: int = -1, crop_chroma_hamming: int = -1,
                     evaluation: pl.DataFrame | None = None, crop_max_residual: float = -1,
-                    thumbnails: Callable[[pl.DataFrame], pl.Series] = in_frame) -> pl.DataFrame:
+                    thumbnails: Callable[[pl.DataFrame], pl.Series] = in_frame, max_colour_distance: int = -1,
+                    crop_colour_distance: int = -1) -> pl.DataFrame:
     """The duplicates among ``samples`` (columns of ``SAMPLE_SCHEMA``, in keep-preference order: best first),
     one row each: shard, position and the verdict columns (``stages.dedup.VERDICT_COLUMNS``). Near-duplicates
     have pHashes within ``max_hamming`` bits and, unless ``max_chroma_hamming`` is -1, chroma hashes within
     that many bits; crops are matched with ``crop_hamming`` and ``crop_chroma_hamming`` (-1: no crop matching)
     and, unless ``crop_max_residual`` is -1, verified by aligning their thumbnails (``crop_residuals``), which
-    ``thumbnails`` reads for the rows of the crop pairs found (by default their ``thumbnail`` column).
+    ``thumbnails`` reads for the rows of the crop pairs found (by default their ``thumbnail`` column); pairs
+    must also have mean colours within ``max_colour_distance`` (crops: ``crop_colour_distance``) levels, unless
+    -1.
     ``evaluation`` (the same columns, ``stem`` "evaluation", ``key`` the image's name): every sample that
     duplicates one of these images is dropped first, naming it."""
     rule = DedupParams(max_hamming=max_hamming, max_chroma_hamming=max_chroma_hamming, crop_hamming=crop_hamming,
-                       crop_chroma_hamming=crop_chroma_hamming, crop_max_residual=crop_max_residual, scope=scope)
+                       crop_chroma_hamming=crop_chroma_hamming, crop_max_residual=crop_max_residual, scope=scope,
+                       max_colour_distance=max_colour_distance, crop_colour_distance=crop_colour_distance)
     samples = _with_crop_columns(samples)
     found = []
     if evaluation is not None and evaluation.height and samples.height:
@@ -570,7 +621,11 @@ def candidate_samples(out: OutputDir, stages: list[Stage], index: int) -> pl.Dat
             pl.col("dedup_phash").alias("phash"), pl.col("dedup_chroma_hash").alias("chroma"),
             pl.col("dedup_caption_hash").alias("caption_hash"),
             preference_score(schema, dedup.params.prefer), *crops,
-            pl.lit(None, dtype=pl.Binary).alias("thumbnail")))  # read for the crop pairs only (ManifestThumbnails)
+            pl.lit(None, dtype=pl.Binary).alias("thumbnail"),  # read for the crop pairs only (ManifestThumbnails)
+            (pl.col("dedup_colour") if "dedup_colour" in names else pl.lit(None)).cast(pl.Int32).alias("mean_colour"),
+            (pl.col("dedup_window_colour") if "dedup_window_colour" in names and min(
+                dedup.params.max_hamming, dedup.params.crop_hamming, dedup.params.crop_colour_distance) >= 0
+             else pl.lit(None)).cast(pl.List(pl.Int32)).alias("window_colour")))
     if not frames:
         return pl.DataFrame(schema=SAMPLE_SCHEMA)
     return preference_order(pl.concat(frames).collect(engine="streaming"))
@@ -619,7 +674,8 @@ def evaluation_frame(spec: str, max_pixels: int) -> pl.DataFrame | None:
                      "score": None, "probe": found.probe if found else None,
                      "windows": found.windows if found else None,
                      "window_chroma": found.window_chroma if found else None,
-                     "thumbnail": found.thumbnail if found else None})
+                     "thumbnail": found.thumbnail if found else None, "mean_colour": found.colour if found else None,
+                     "window_colour": found.window_colours if found else None})
     return pl.DataFrame(rows, schema=SAMPLE_SCHEMA)
 
 
@@ -641,7 +697,8 @@ def resolve_duplicates(out: OutputDir, stages: list[Stage]) -> list[Stage]:
         duplicates = find_duplicates(samples, params.max_hamming, params.scope, params.max_chroma_hamming,
                                      params.crop_hamming, params.crop_chroma_hamming,
                                      evaluation_frame(params.evaluation, params.max_pixels),
-                                     params.crop_max_residual, ManifestThumbnails(out))
+                                     params.crop_max_residual, ManifestThumbnails(out),
+                                     params.max_colour_distance, params.crop_colour_distance)
         resolved[index] = ResolvedDedupStage(stage.params, by_shard(duplicates))
         resolved[index].resources = stage.resources
     return resolved

@@ -35,6 +35,13 @@ Per sample (cheap, CPU) the stage writes these fingerprints:
   match the other's thumbnail cut to the best-aligned box near the matched window. At 64 bits, catalogue photos
   of look-alike products shot the same way are a few bits from each other's windows; their thumbnails differ
   in grey levels where the hashes keep only signs;
+* ``dedup_colour`` and ``dedup_window_colour``: the mean colour of the image and of each of its 16 windows, Y,
+  Cb and Cr averaged over the same box-reduced decode and packed into one integer (``Y << 16 | Cb << 8 | Cr``,
+  0-255 each). The hashes compare each DCT coefficient with the median of its plane, so they record where the
+  light and dark parts are, not which colour they have: a red and a green circle at the same place on the same
+  background hash alike, as do the photos of one product in several colours. A near pair must also have mean
+  colours within ``max_colour_distance`` levels in every channel; a crop pair, the crop's mean colour within
+  ``crop_colour_distance`` of a matched window's;
 * ``dedup_caption_hash``: a 64-bit BLAKE2b hash of the normalised caption (NFKC, case-folded, words only), for
   the ``image_and_caption`` scope.
 
@@ -181,6 +188,36 @@ def thumbnail_matrix(length: int) -> np.ndarray:
     return area_matrix(length, 0.0, 0.0, THUMBNAIL_SIDE)
 
 
+def packed_colours(means: np.ndarray) -> np.ndarray:
+    """Mean Y, Cb and Cr (the last axis) rounded and packed: ``Y << 16 | Cb << 8 | Cr``, int64."""
+    levels = np.clip(np.rint(means), 0, 255).astype(np.int64)
+    return levels[..., 0] << 16 | levels[..., 1] << 8 | levels[..., 2]
+
+
+def mean_colour(planes: np.ndarray) -> int:
+    """The packed mean colour (``packed_colours``) of a height x width x 3 YCbCr array."""
+    return int(packed_colours(planes.reshape(-1, 3).mean(axis=0)))
+
+
+@functools.lru_cache(maxsize=512)
+def window_mean_matrix(length: int) -> np.ndarray:
+    """For an axis of ``length`` pixels: per pair of cuts in ``CUT_PAIRS``, the window's average (one row)."""
+    return np.concatenate([area_matrix(length, first, last, 1) for first, last in CUT_PAIRS])
+
+
+def window_colours(planes: np.ndarray) -> list[int]:
+    """The packed mean colours of the ``WINDOWS`` windows of a height x width x 3 YCbCr array, in window order."""
+    rows, cols = window_mean_matrix(planes.shape[0]), window_mean_matrix(planes.shape[1])
+    means = np.stack([rows @ planes[:, :, plane] @ cols.T for plane in range(3)], axis=-1)  # pairs x pairs x 3
+    return packed_colours(means.reshape(WINDOWS, 3)).tolist()
+
+
+def colour_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The largest per-channel difference between packed mean colours (``mean_colour``), element by element."""
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    return np.maximum.reduce([np.abs((a >> shift & 255) - (b >> shift & 255)) for shift in (16, 8, 0)])
+
+
 def thumbnail(luma: np.ndarray) -> bytes:
     """The luma thumbnail of an image given as its height x width luma plane: ``THUMBNAIL_SIDE`` x
     ``THUMBNAIL_SIDE`` area averages over the whole image (whatever its aspect ratio), rounded to bytes, row by
@@ -221,6 +258,8 @@ class Fingerprint:
     windows: list[int]
     window_chroma: list[int]
     thumbnail: bytes
+    colour: int
+    window_colours: list[int]
 
 
 def _signed(values: np.ndarray) -> list[int]:
@@ -248,7 +287,8 @@ def fingerprint(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprin
         source = image.reduce(factor) if factor > 1 else image
         planes = np.asarray(source if source.mode == "YCbCr" else source.convert("YCbCr"), dtype=np.float64)
     windows, window_chroma = window_hashes(planes)
-    return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma), thumbnail(planes[:, :, 0]))
+    return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma), thumbnail(planes[:, :, 0]),
+                       mean_colour(planes), window_colours(planes))
 
 
 def perceptual_hashes(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -287,6 +327,8 @@ FINGERPRINT_COLUMNS = {
     "dedup_window_phash": pa.list_(pa.int64()),
     "dedup_window_chroma": pa.list_(pa.int64()),
     "dedup_thumbnail": pa.binary(),
+    "dedup_colour": pa.int32(),
+    "dedup_window_colour": pa.list_(pa.int32()),
     "dedup_caption_hash": pa.int64(),
     "dedup_error": pa.string(),
 }
@@ -305,6 +347,8 @@ class DedupParams(StageParams):
     max_hamming: int = 3
     # Near-duplicates must also have chroma hashes at most this many bits apart (threshold); -1: luma alone.
     max_chroma_hamming: int = 6
+    # ... and mean colours at most this many levels apart in each of Y, Cb and Cr (threshold); -1: no check.
+    max_colour_distance: int = 8
     # Crops: one image's pHash within this many bits of one of the other's window hashes (threshold); -1: off.
     crop_hamming: int = 7
     # ... and its chroma hash within this many bits of that window's chroma hash (threshold); -1: luma alone.
@@ -312,6 +356,9 @@ class DedupParams(StageParams):
     # ... and its luma thumbnail, against the best-aligned box of the other's thumbnail near a matched window, at
     # most this root-mean-square residual in grey levels after a gain and offset fit (threshold); -1: no check.
     crop_max_residual: float = 7.5
+    # ... and the crop's mean colour at most this many levels from a matched window's in each of Y, Cb and Cr
+    # (threshold); -1: no check.
+    crop_colour_distance: int = 8
     # "image": one sample per image whatever its caption; "image_and_caption": only samples whose normalised
     # captions are also equal count as duplicates (threshold).
     scope: str = "image"
@@ -352,9 +399,11 @@ class DedupStage(Stage):
     Params = DedupParams
     columns = {**FINGERPRINT_COLUMNS, **VERDICT_COLUMNS}
     decided_at_selection = frozenset(VERDICT_COLUMNS)
-    manifest_only = frozenset({"dedup_probe_bits", "dedup_window_phash", "dedup_window_chroma", "dedup_thumbnail"})
-    thresholds = frozenset({"max_hamming", "max_chroma_hamming", "crop_hamming", "crop_chroma_hamming",
-                            "crop_max_residual", "scope", "prefer", "evaluation"})
+    manifest_only = frozenset({"dedup_probe_bits", "dedup_window_phash", "dedup_window_chroma", "dedup_thumbnail",
+                               "dedup_colour", "dedup_window_colour"})
+    thresholds = frozenset({"max_hamming", "max_chroma_hamming", "max_colour_distance", "crop_hamming",
+                            "crop_chroma_hamming", "crop_max_residual", "crop_colour_distance", "scope", "prefer",
+                            "evaluation"})
 
     def __init__(self, params: DedupParams):
         if not -1 <= params.max_hamming <= 32:
@@ -364,6 +413,10 @@ class DedupStage(Stage):
         for name in ("max_chroma_hamming", "crop_chroma_hamming"):
             if not -1 <= getattr(params, name) <= 64:
                 raise ValueError(f"{name} must be between -1 (no colour check) and 64, got {getattr(params, name)}")
+        for name in ("max_colour_distance", "crop_colour_distance"):
+            if not -1 <= getattr(params, name) <= 255:
+                raise ValueError(f"{name} must be between -1 (no colour check) and 255 levels, got "
+                                 f"{getattr(params, name)}")
         if not (params.crop_max_residual == -1 or 0 <= params.crop_max_residual <= 255):
             raise ValueError(f"crop_max_residual must be -1 (no check) or between 0 and 255 grey levels, got "
                              f"{params.crop_max_residual}")
@@ -385,6 +438,8 @@ class DedupStage(Stage):
             columns["dedup_window_phash"].append(None if found is None else found.windows)
             columns["dedup_window_chroma"].append(None if found is None else found.window_chroma)
             columns["dedup_thumbnail"].append(None if found is None else found.thumbnail)
+            columns["dedup_colour"].append(None if found is None else found.colour)
+            columns["dedup_window_colour"].append(None if found is None else found.window_colours)
             columns["dedup_error"].append(error)
             columns["dedup_caption_hash"].append(caption_hash(caption))
         for name in VERDICT_COLUMNS:

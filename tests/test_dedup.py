@@ -410,7 +410,9 @@ def test_find_duplicates_names_crops_with_their_closest_window():
         "key": [f"k{i}" for i in range(len(images))], "sha": list(range(len(images))),
         "phash": values["dedup_phash"], "chroma": values["dedup_chroma_hash"], "caption_hash": [None] * len(images),
         "score": [None] * len(images), "probe": values["dedup_probe_bits"], "windows": values["dedup_window_phash"],
-        "window_chroma": values["dedup_window_chroma"], "thumbnail": [None] * len(images)}, schema=SAMPLE_SCHEMA))
+        "window_chroma": values["dedup_window_chroma"], "thumbnail": [None] * len(images),
+        "mean_colour": values["dedup_colour"],
+        "window_colour": values["dedup_window_colour"]}, schema=SAMPLE_SCHEMA))
     found = find_duplicates(frame, 3, max_chroma_hamming=6, crop_hamming=6, crop_chroma_hamming=10)
     assert found.select("position", "dedup_duplicate_of", "dedup_match").rows() == [(6, "s/k1", "crop"),
                                                                                  (7, "s/k4", "crop")]
@@ -435,7 +437,8 @@ def annotated_frame(images: list[bytes]) -> pl.DataFrame:
         "chroma": values["dedup_chroma_hash"], "caption_hash": [None] * len(images), "score": [None] * len(images),
         "probe": values["dedup_probe_bits"], "windows": values["dedup_window_phash"],
         "window_chroma": values["dedup_window_chroma"],
-        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.Binary)},
+        "thumbnail": pl.Series(values["dedup_thumbnail"], dtype=pl.Binary), "mean_colour": values["dedup_colour"],
+        "window_colour": values["dedup_window_colour"]},
         schema=SAMPLE_SCHEMA))
 
 
@@ -561,3 +564,24 @@ def test_stats_explain_and_report_show_duplicate_groups(ray_cluster, two_shards,
     assert section.count("<h3>") == 3 and "a/k1 (2 samples)" in section
     assert section.count('class="thumb"') == 6  # each group: its kept sample and its duplicate
     assert "k1: near" in section
+
+
+def test_one_picture_in_another_colour_is_not_a_duplicate_but_its_copies_are():
+    """The hashes see where light and dark parts are, not their colour: the same scene drawn in another colour
+    matches them, and only the mean colour parts it from a re-encoded or resized copy."""
+    def picture(colour: str) -> Image.Image:
+        scene = {"shape": "circle", "colour": colour, "size": "large", "position": "center", "background": "blue"}
+        return draw(scene, 256, 192, random.Random(3))
+
+    white = picture("white")
+    images = [jpeg_bytes(white), jpeg_bytes(picture("yellow")), jpeg_bytes(white, quality=70),
+              jpeg_bytes(white.resize((180, 135)))]
+    frame = annotated_frame(images)
+    params = DedupParams()
+    defaults = dict(max_chroma_hamming=params.max_chroma_hamming, crop_hamming=params.crop_hamming,
+                    crop_chroma_hamming=params.crop_chroma_hamming, crop_max_residual=params.crop_max_residual)
+    colour_blind = find_duplicates(frame, params.max_hamming, **defaults)
+    assert set(colour_blind["position"]) == {1, 2, 3}  # the yellow one too
+    found = find_duplicates(frame, params.max_hamming, **defaults, max_colour_distance=params.max_colour_distance,
+                            crop_colour_distance=params.crop_colour_distance)
+    assert found.select("position", "dedup_duplicate_of").rows() == [(2, "s/k0"), (3, "s/k0")]
