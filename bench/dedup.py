@@ -102,19 +102,13 @@ def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int, crop: int = -
     colour, window mean colours) fingerprints match: the same bytes, whole-image hashes (and mean colours) within
     the distances, or one's pHash within the crop distances of one of the other's windows (and its mean colour
     within ``crop_colour`` of that window's) and, unless ``residual`` is -1, the thumbnails within it once
-    aligned at those windows. The near-duplicate search
-    finds every such pair (tests/test_dedup.py checks it against all pairs); the crop search finds a crop pair
-    when the differing key bits are among the probed ones, which this checks too (``probed``), so this is the
-    recall of the search itself."""
+    aligned at those windows. The near-duplicate search finds every such pair (tests/test_dedup.py checks it
+    against all pairs); the crop search finds a crop pair when the differing key bits are among the probed ones,
+    which this checks too (``probed``), so this is the recall of the search itself."""
     if a[0] == b[0]:
         return True
     if a[1] is None or b[1] is None:
         return False
-    def colours_within(first: int | None, second: int | None, limit: int) -> bool:
-        if limit < 0 or first is None or second is None:
-            return True
-        return int(colour_distance(np.array(first), np.array(second))) <= limit
-
     if max_hamming >= 0 and hamming(a[1], b[1]) <= max_hamming and (
             max_chroma < 0 or hamming(a[2], b[2]) <= max_chroma) and colours_within(a[7], b[7], max_colour):
         return True
@@ -132,6 +126,14 @@ def matches(a: tuple, b: tuple, max_hamming: int, max_chroma: int, crop: int = -
         if matched and (residual < 0 or aligned(query[6], original[6], matched, residual)):
             return True
     return False
+
+
+def colours_within(first: int | None, second: int | None, limit: int) -> bool:
+    """Whether two packed mean colours are within ``limit`` levels per channel (as the search checks them: an
+    unknown side, or a limit of -1, passes)."""
+    if limit < 0 or first is None or second is None:
+        return True
+    return int(colour_distance(np.array(first), np.array(second))) <= limit
 
 
 def aligned(crop: bytes | None, original: bytes | None, matched: int, residual: float) -> bool:

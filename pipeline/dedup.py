@@ -448,8 +448,8 @@ def _keepers_of(samples: pl.DataFrame, rule: DedupParams, protected: int = 0,
                 rule.crop_hamming, unique["chroma"][rows_with].fill_null(0).to_numpy(), window_chroma,
                 rule.crop_chroma_hamming, groups[rows_with] if groups is not None else None)
             crops, originals = rows_with[crops], rows_with[originals]
-            close = crop_colours_close(means, unique["window_colour"], crops, originals, matched,
-                                       rule.crop_colour_distance)
+            window_means = _window_colour_array(unique) if rule.crop_colour_distance >= 0 else None
+            close = crop_colours_close(means, window_means, crops, originals, matched, rule.crop_colour_distance)
             crops, originals, matched = crops[close], originals[close], matched[close]
             if rule.crop_max_residual >= 0 and len(crops):
                 keep = _aligned(unique, crops, originals, matched, rule.crop_max_residual, thumbnails)
@@ -478,18 +478,25 @@ def colours_close(means: np.ndarray, firsts: np.ndarray, seconds: np.ndarray, ma
     return (a < 0) | (b < 0) | (colour_distance(a, b) <= max_distance)
 
 
-def crop_colours_close(means: np.ndarray, window_colours: pl.Series, crops: np.ndarray, originals: np.ndarray,
+def _window_colour_array(frame: pl.DataFrame) -> np.ndarray:
+    """Each row's window mean colours (packed) as an (n, WINDOWS) int64 array, -1 where the row has none."""
+    complete = (frame["window_colour"].list.len().fill_null(0) == WINDOWS).to_numpy()
+    colours = np.full((frame.height, WINDOWS), -1, np.int64)
+    if complete.any():
+        chosen = frame["window_colour"].filter(pl.Series(complete))
+        colours[complete] = chosen.explode().to_numpy().astype(np.int64).reshape(-1, WINDOWS)
+    return colours
+
+
+def crop_colours_close(means: np.ndarray, window_means: np.ndarray | None, crops: np.ndarray, originals: np.ndarray,
                        matched: np.ndarray, max_distance: int) -> np.ndarray:
     """Which crop pairs have the crop's mean colour (``means``, packed, -1: unknown) within ``max_distance`` levels
-    in each channel of the mean colour of one of the original's windows its pHash matched (``matched``: a mask
-    of window slots); a pair with an unknown side passes, and every pair when ``max_distance`` is -1."""
+    in each channel of the mean colour of one of the original's windows its pHash matched (``window_means``:
+    ``_window_colour_array``; ``matched``: a mask of window slots); a pair with an unknown side passes, and every
+    pair when ``max_distance`` is -1."""
     if max_distance < 0 or not len(crops):
         return np.ones(len(crops), dtype=bool)
-    wanted = window_colours[originals]
-    complete = (wanted.list.len().fill_null(0) == WINDOWS).to_numpy()
-    theirs = np.full((len(crops), WINDOWS), -1, np.int64)
-    if complete.any():
-        theirs[complete] = wanted.filter(pl.Series(complete)).explode().to_numpy().astype(np.int64).reshape(-1, WINDOWS)
+    theirs = window_means[originals]
     own = np.broadcast_to(means[crops][:, None], theirs.shape)
     within = (own < 0) | (theirs < 0) | (colour_distance(own, theirs) <= max_distance)
     slots = ((matched[:, None] >> np.arange(WINDOWS)) & 1).astype(bool)

@@ -200,8 +200,6 @@ def mean_colour(planes: np.ndarray) -> int:
     return int(packed_colours(planes.sum(axis=0).sum(axis=0) / (planes.shape[0] * planes.shape[1])))
 
 
-
-
 def colour_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The largest per-channel difference between packed mean colours (``mean_colour``), element by element."""
     a, b = a.astype(np.int64), b.astype(np.int64)
@@ -236,10 +234,9 @@ def window_blocks(planes: np.ndarray) -> list[np.ndarray]:
     return blocks
 
 
-def window_hashes(planes: np.ndarray, blocks: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(luma pHashes, chroma hashes) of the ``WINDOWS`` windows of an image given as a height x width x 3 YCbCr
-    array (or its ``window_blocks``), each a uint64 array in window order (see the module docstring)."""
-    blocks = window_blocks(planes) if blocks is None else blocks
+def window_hashes(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(luma pHashes, chroma hashes) of the ``WINDOWS`` windows of an image, from its ``window_blocks``, each a
+    uint64 array in window order (see the module docstring)."""
     luma = _block_bits(blocks[0].reshape(WINDOWS, LUMA_BLOCK**2), LUMA_BLOCK**2 - 1)
     cb, cr = (_block_bits(block[:, :CHROMA_BLOCK, :CHROMA_BLOCK].reshape(WINDOWS, CHROMA_BLOCK**2), CHROMA_BITS)
               for block in blocks[1:])
@@ -293,7 +290,7 @@ def fingerprint(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Fingerprin
         source = image.reduce(factor) if factor > 1 else image
         planes = np.asarray(source if source.mode == "YCbCr" else source.convert("YCbCr"), dtype=np.float64)
     blocks = window_blocks(planes)
-    windows, window_chroma = window_hashes(planes, blocks)
+    windows, window_chroma = window_hashes(blocks)
     return Fingerprint(luma, chroma, probe, _signed(windows), _signed(window_chroma), thumbnail(planes[:, :, 0]),
                        mean_colour(planes), window_colours(blocks))
 
