@@ -15,6 +15,7 @@ rule-stage parallelism is the cluster's CPUs, not the pool size.
 
 from __future__ import annotations
 
+import ctypes
 import math
 from typing import Iterator
 
@@ -49,7 +50,33 @@ class ShardTasks:
                 running.remove(ready)
 
 
+# Model recipes move decoded pixels: their workers free batch after batch of large buffers. glibc raises its mmap
+# threshold after each large free, so later buffers come from the heap and freed memory stays with the process; a
+# fixed threshold returns it. Arrow's own pool keeps freed memory too: the system allocator does not. Set inside
+# the worker, not through a runtime environment: workers with environment variables of their own are started
+# afresh for every run (about a second each on a small machine), while these reuse the cluster's idle workers,
+# which keep the settings for the rest of their life. Rule recipes hold no large buffers and run about a fifth
+# faster without them: their tasks never set them.
+MMAP_THRESHOLD = 128 * 1024
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
+_released: list[bool] = []
+
+
+def return_freed_memory() -> None:
+    """In a model recipe's worker, once per process: large buffers come from mmap and go back to the system
+    when freed, and Arrow allocates with the system allocator. Without glibc only the second applies."""
+    if _released:
+        return
+    _released.append(True)
+    try:
+        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (AttributeError, OSError):  # not glibc
+        pass
+    pa.set_memory_pool(pa.system_memory_pool())
+
+
 def read_and_slim(items: pa.Table, ctx: RunContext) -> Iterator[pa.Table]:
+    return_freed_memory()
     for item in items.to_pylist():
         yield from slim_batches(ctx, item["source"], item["stem"])
 
@@ -58,6 +85,7 @@ class ModelActor:
     """One model stage in a Ray actor: the model loads once, in the constructor, and serves many batches."""
 
     def __init__(self, ctx: RunContext, index: int, cpus: float):
+        return_freed_memory()
         self.ctx, self.index = ctx, index
         stage = ctx.stages()[index]
         stage.load()
@@ -71,15 +99,11 @@ class ModelActor:
 
 
 def write_results(table: pa.Table, ctx: RunContext) -> pa.Table:
+    return_freed_memory()
     return _summary_table(write_model_results(ctx, table))
 
 
 SINK_CPUS = 0.5  # a sink task joins, judges and writes: mostly I/O
-# Model recipes move decoded pixels: their workers free batch after batch of large buffers. glibc raises its mmap
-# threshold after each large free, so later buffers come from the heap and freed memory stays with the process; a
-# fixed threshold returns it. Arrow's own pool keeps freed memory too: the system allocator does not. (Rule recipes
-# run about a fifth faster without these, and hold no large buffers.)
-MODEL_RECIPE_WORKERS = {"env_vars": {"MALLOC_MMAP_THRESHOLD_": "131072", "ARROW_DEFAULT_MEMORY_POOL": "system"}}
 TASKS_PER_CPU = 4  # shards are grouped into this many source tasks per CPU of the cluster (fewer when fewer shards)
 TASK_RETRIES = 3  # a rule task lost with its worker or node is run again (its committed shards are rewritten alike)
 SOURCE_BATCHES_HELD = 4  # memory a source task reserves, in batches (read, annotated, carried, slim)
@@ -135,8 +159,7 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                                  num_cpus=source_cpus(ctx), memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes,
-                                  runtime_env=MODEL_RECIPE_WORKERS)
+                                  num_cpus=source_cpus(ctx), memory=SOURCE_BATCHES_HELD * ctx.read.batch_bytes)
     cpus = actor_cpus(ctx, node_cpus)
     for index in plan.models:
         resources = ctx.specs[index].resources
@@ -148,7 +171,6 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
             num_cpus=cpus[index],
             batch_size=resources.batch_size,
             batch_format="pyarrow",
-            runtime_env=MODEL_RECIPE_WORKERS,
         )
     return dataset.map_batches(write_results, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
-                               num_cpus=SINK_CPUS, runtime_env=MODEL_RECIPE_WORKERS)
+                               num_cpus=SINK_CPUS)

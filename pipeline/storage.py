@@ -155,6 +155,7 @@ class LocalWriter:
         os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.tmp, self.path)
+        _fsync_folder(self.path.parent)  # the name too is durable before the completion record follows
 
     def abort(self) -> None:
         """Drop what was written (after a commit, only the already-renamed temporary name is gone)."""

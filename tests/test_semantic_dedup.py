@@ -167,6 +167,7 @@ def manifest_rows(output):
     return {(row["shard"].rsplit("/", 1)[1], row["key"]): row for row in frame.iter_rows(named=True)}
 
 
+@pytest.mark.slow  # two model-recipe runs end to end
 def test_copies_across_shards_are_dropped_as_semantic_duplicates(ray_cluster, tiny_models, photo_shards, tmp_path):
     from pipeline.run import run_curation, select_thresholds
 

@@ -41,6 +41,7 @@ def test_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tmp_pat
 MODEL_RECIPE_SAMPLES = 60  # the model stages cost most per sample: a shard of the first samples of a real one
 
 
+@pytest.mark.slow  # two model-recipe runs end to end
 def test_model_recipe_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tiny_models, tmp_path):
     (tmp_path / "in").mkdir()
     shard = write_tar(tmp_path / "in" / "flickr8k-00002.tar",
