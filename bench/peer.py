@@ -6,7 +6,10 @@
 Each round runs Data-Juicer's equivalent op chain (recipe B of the peer script: HTML and link cleaning, length,
 special characters, fastText language, image shape, aspect ratio) on ``$B/corpus/dj/flickr-rep`` and then
 ``vlcurate run configs/qwen-vl-rules.yaml`` on the same samples as WebDataset shards (``$B/corpus/flickr-rep``),
-each as a fresh command (vlcurate starts its own Ray), and prints both wall times and their ratio.
+each as a fresh command (vlcurate starts its own Ray), and prints both wall times and their ratio. With
+``--attached``, each round also runs vlcurate joining a Ray instance started beforehand with ``ray start --head``
+(as on a cluster that outlives its jobs; that start-up is not counted): the command still starts its own
+workers, which import the stages and load their models.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", dest="overrides", nargs="+", default=[], metavar="STAGE.KEY=VALUE",
                         help="settings for vlcurate's run, e.g. language.lingua=false (fastText alone, as the peer)")
+    parser.add_argument("--attached", action="store_true",
+                        help="also time vlcurate joining a Ray instance started beforehand (ray start --head)")
     args = parser.parse_args()
     bench = Path(args.bench)
     corpus = bench / "corpus" / "flickr-rep"
@@ -50,16 +55,31 @@ def main():
     vlcurate = [str(ROOT / ".venv" / "bin" / "vlcurate"), "run", str(ROOT / "configs" / "qwen-vl-rules.yaml"),
                 "--input", str(corpus), "--quiet", *(["--set", *args.overrides] if args.overrides else [])]
     print(f"{samples} samples ({corpus}), {os.cpu_count()} CPU cores")
-    print(f"{'round':<8}{'Data-Juicer s':>15}{'vlcurate s':>12}{'ratio':>8}")
-    for round_number in range(1, args.rounds + 1):
-        dj_seconds = timed(dj, bench)
-        out = Path(tempfile.mkdtemp(prefix="vlcurate-peer-"))
-        try:
-            env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-            ours = timed(vlcurate + ["--output", str(out / "out")], ROOT, env)
-        finally:
-            shutil.rmtree(out, ignore_errors=True)
-        print(f"{round_number:<8}{dj_seconds:>15.1f}{ours:>12.1f}{ours / dj_seconds:>8.2f}")
+    header = f"{'round':<8}{'Data-Juicer s':>15}{'vlcurate s':>12}{'ratio':>8}"
+    print(header + (f"{'joining Ray s':>15}{'ratio':>8}" if args.attached else ""))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    ray_cli = str(ROOT / ".venv" / "bin" / "ray")
+    if args.attached:
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+        subprocess.run([ray_cli, "start", "--head", "--include-dashboard=false", f"--num-cpus={os.cpu_count()}"],
+                       env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for round_number in range(1, args.rounds + 1):
+            dj_seconds = timed(dj, bench)
+            line = f"{round_number:<8}{dj_seconds:>15.1f}"
+            # "local": start a new Ray instance even beside a running one; "auto": join the running one
+            addresses = ["local", "auto"] if args.attached else ["local"]
+            for address in addresses:
+                out = Path(tempfile.mkdtemp(prefix="vlcurate-peer-"))
+                try:
+                    ours = timed(vlcurate + ["--output", str(out / "out")], ROOT, {**env, "RAY_ADDRESS": address})
+                finally:
+                    shutil.rmtree(out, ignore_errors=True)
+                line += f"{ours:>{12 if address == 'local' else 15}.1f}{ours / dj_seconds:>8.2f}"
+            print(line)
+    finally:
+        if args.attached:
+            subprocess.run([ray_cli, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 if __name__ == "__main__":
