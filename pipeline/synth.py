@@ -1,17 +1,18 @@
 """`vlcurate synth`: learnable, offline image-text data with ground truth, and realistic noise.
 
-Each sample is a procedurally drawn scene (a shape of some kind, colour, size and position on a varied
-background) with a caption describing it in English or Chinese. Noise of known types can be injected; every
-sample's ``.json`` holds the ground truth (``synth``: the true description, the language, the noise types), so
-curation quality (precision and recall of dropping each noise type) can be measured exactly. Deterministic for
-a seed: the same command writes byte-identical shards.
+Each sample is a procedurally drawn scene (a shape of some kind, colour, size and position on a varied background:
+a gradient with faint blobs of its own colour, different in every drawing, so that two samples of one scene are two
+pictures, as two photos of one subject are) with a caption describing it in English or Chinese. Noise of known
+types can be injected; every sample's ``.json`` holds the ground truth (``synth``: the true description, the
+language, the noise types), so curation quality (precision and recall of dropping each noise type) can be measured
+exactly. Deterministic for a seed: the same command writes byte-identical shards.
 
-Duplicate noise (``DUPLICATE_TYPES``, off unless asked for: ``--noise duplicate_resized=0.05``) is drawn from
-its own random stream, so asking for it changes only the samples it picks: such a sample is a copy of an earlier
+Duplicate noise (``DUPLICATE_TYPES``, off unless asked for: ``--noise duplicate_resized=0.05``) is drawn from its
+own random stream, so asking for it changes only the samples it picks: such a sample is a copy of an earlier
 original (any shard) with its caption and ground truth, the image kept byte for byte, re-encoded at JPEG quality
 60-90, resized to 50-90% or cropped by up to 10% per side; or a look-alike: the original's scene with the shape
-moved to another position, drawn afresh (a different image, with its own true caption). The ground truth names
-the original: ``synth.duplicate`` = {kind, of, and the transform's parameters} or ``synth.lookalike_of``.
+moved to another position, drawn afresh (a different image, with its own true caption). The ground truth names the
+original: ``synth.duplicate`` = {kind, of, and the transform's parameters} or ``synth.lookalike_of``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,11 @@ def draw(scene: dict, width: int, height: int, rng: random.Random) -> Image.Imag
         t = y / max(1, height - 1)
         pixels.rectangle([0, y, width, y + 4], fill=tuple(int(a * (1 - t) + b * t) for a, b in zip(top, base)))
     side = min(width, height)
+    for _ in range(6):  # faint blobs of the background's colour: a texture of its own in every drawing
+        bx, by = rng.uniform(0, width), rng.uniform(0, height)
+        br = rng.uniform(0.05, 0.2) * side
+        shade = tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in base)
+        pixels.ellipse([bx - br, by - br, bx + br, by + br], fill=shade)
     radius = SIZES[scene["size"]][1] * side / 2 * rng.uniform(0.85, 1.15)
     fx, fy = POSITIONS[scene["position"]][1]
     cx = fx * width + rng.uniform(-0.04, 0.04) * side

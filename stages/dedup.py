@@ -356,13 +356,13 @@ class DedupParams(StageParams):
     # Crops: one image's pHash within this many bits of one of the other's window hashes (threshold); -1: off.
     crop_hamming: int = 7
     # ... and its chroma hash within this many bits of that window's chroma hash (threshold); -1: luma alone.
-    crop_chroma_hamming: int = 10
+    crop_chroma_hamming: int = 8
     # ... and its luma thumbnail, against the best-aligned box of the other's thumbnail near a matched window, at
     # most this root-mean-square residual in grey levels after a gain and offset fit (threshold); -1: no check.
     crop_max_residual: float = 7.5
     # ... and the crop's mean colour at most this many levels from a matched window's in each of Y, Cb and Cr
     # (threshold); -1: no check.
-    crop_colour_distance: int = 8
+    crop_colour_distance: int = 4
     # "image": one sample per image whatever its caption; "image_and_caption": only samples whose normalised
     # captions are also equal count as duplicates (threshold).
     scope: str = "image"
