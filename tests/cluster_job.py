@@ -4,13 +4,14 @@ only, so the tests run this file as a script, in a subprocess of their own:
 
     .venv/bin/python tests/cluster_job.py JOB.json
 
-JOB.json holds ``{"head_cpus": 0, "worker_cpus": [1, 1], "runs": [RUN, ...]}``; a RUN is ``{"config": recipe
-path, "overrides": [STAGE.KEY=VALUE, ...], "inputs": [...], "output": folder}``, optionally with
-``"remove_worker_after_done": N``: once the output holds N completion records, a worker node running one of
-vlcurate's steps is removed (all its processes killed at once) while the run goes on. The runs go one after the
-other on the same cluster; one line per run is printed, ``SUMMARY_MARK`` then JSON: shards processed, skipped
-and failed, samples, the steps each node's workers were seen running, and the node removal (the steps it cut
-short, and the shards complete before and after).
+JOB.json holds ``{"head_cpus": 0, "worker_cpus": [1, 1], "runs": [RUN, ...]}``; a RUN is ``{"config": recipe path,
+"overrides": [STAGE.KEY=VALUE, ...], "inputs": [...], "output": folder}``, optionally with
+``"remove_worker_after_done": N`` and ``"remove_worker_running": STEP``: once the output holds N completion
+records, a worker node running STEP (a step's title, e.g. ``curate_shards``) is removed (all its processes killed
+at once) while the run goes on. (Any of vlcurate's steps would also count a model actor of an earlier run whose
+process is still exiting.) The runs go one after the other on the same cluster; one line per run is printed,
+``SUMMARY_MARK`` then JSON: shards processed, skipped and failed, samples, the steps each node's workers were seen
+running, and the node removal (the steps it cut short, and the shards complete before and after).
 """
 
 from __future__ import annotations
@@ -179,12 +180,12 @@ def _steps_running(raylet: int) -> set[str]:
 
 
 class WorkerRemover(threading.Thread):
-    """Once ``output`` holds ``after_done`` completion records, removes a worker node that is running one of
-    vlcurate's steps at that moment (the last such node)."""
+    """Once ``output`` holds ``after_done`` completion records, removes a worker node that is running ``step``
+    at that moment (the last such node)."""
 
-    def __init__(self, cluster: LocalCluster, output: Path, after_done: int):
+    def __init__(self, cluster: LocalCluster, output: Path, after_done: int, step: str):
         super().__init__(daemon=True)
-        self.cluster, self.state, self.after_done = cluster, output / "_state", after_done
+        self.cluster, self.state, self.after_done, self.step = cluster, output / "_state", after_done, step
         self.stopped = threading.Event()
         self.removal: dict | None = None
 
@@ -193,7 +194,7 @@ class WorkerRemover(threading.Thread):
             if self._done() >= self.after_done:
                 for node in reversed(self.cluster.workers):
                     running = _steps_running(_raylet_pid(node))
-                    if running:
+                    if any(self.step in title for title in running):
                         done_before = self._done()
                         self.cluster.remove_worker(node)
                         self.removal = {"done_before": done_before, "done_after": self._done(),
@@ -220,7 +221,8 @@ def run_on_cluster(cluster: LocalCluster, run: dict) -> dict:
     output = Path(run["output"])
     watchers = [NodeActivity(cluster)]
     if run.get("remove_worker_after_done") is not None:
-        watchers.append(WorkerRemover(cluster, output, run["remove_worker_after_done"]))
+        watchers.append(WorkerRemover(cluster, output, run["remove_worker_after_done"],
+                                      run["remove_worker_running"]))
     for watcher in watchers:
         watcher.start()
     try:

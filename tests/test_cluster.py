@@ -120,7 +120,8 @@ def three_nodes(inputs, tiny_models, tmp_path_factory):
                       "inputs": [str(inputs["synth"])], "output": str(folder / "model")}}
     if inputs["rules"]:
         runs["rules"] = {"config": str(RULES), "inputs": [str(inputs["rules"])], "output": str(folder / "rules")}
-        runs["node-lost"] = {**runs["rules"], "output": str(folder / "node-lost"), "remove_worker_after_done": 1}
+        runs["node-lost"] = {**runs["rules"], "output": str(folder / "node-lost"), "remove_worker_after_done": 1,
+                             "remove_worker_running": "curate_shards"}
     summaries = run_cluster_job({"head_cpus": 0, "worker_cpus": [1, 1], "runs": list(runs.values())}, folder)
     assert len(summaries) == len(runs), (folder / "job.log").read_text()[-3000:]
     return {"folder": folder, **dict(zip(runs, summaries))}
