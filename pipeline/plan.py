@@ -16,6 +16,7 @@ rule-stage parallelism is the cluster's CPUs, not the pool size.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 from typing import Iterator
 
@@ -59,15 +60,12 @@ class ShardTasks:
 # faster without them: their tasks never set them.
 MMAP_THRESHOLD = 128 * 1024
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number in glibc's malloc.h
-_released: list[bool] = []
 
 
+@functools.cache  # once per process
 def return_freed_memory() -> None:
-    """In a model recipe's worker, once per process: large buffers come from mmap and go back to the system
-    when freed, and Arrow allocates with the system allocator. Without glibc only the second applies."""
-    if _released:
-        return
-    _released.append(True)
+    """In a model recipe's worker: large buffers come from mmap and go back to the system when freed, and Arrow
+    allocates with the system allocator. Without glibc only the second applies."""
     try:
         ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     except (AttributeError, OSError):  # not glibc
