@@ -496,8 +496,7 @@ def crop_colours_close(means: np.ndarray, window_means: np.ndarray | None, crops
     pair when ``max_distance`` is -1."""
     if max_distance < 0 or not len(crops):
         return np.ones(len(crops), dtype=bool)
-    theirs = window_means[originals]
-    own = np.broadcast_to(means[crops][:, None], theirs.shape)
+    theirs, own = window_means[originals], means[crops][:, None]
     within = (own < 0) | (theirs < 0) | (colour_distance(own, theirs) <= max_distance)
     slots = ((matched[:, None] >> np.arange(WINDOWS)) & 1).astype(bool)
     return (within & slots).any(axis=1)

@@ -159,7 +159,7 @@ def assign(vectors: np.ndarray, centroids: np.ndarray, nearest: int = 1) -> np.n
         order, top = highest(block @ centroids.T, min(nearest + 1, len(centroids)))
         labels[start:start + len(block)] = order[:, :nearest]
         for row in np.flatnonzero((-np.diff(top, axis=1) < EXACT_MARGIN).any(axis=1)):
-            exact = exact_dots(np.broadcast_to(block[row], centroids.shape), centroids)
+            exact = exact_dots(block[row], centroids)
             labels[start + row] = np.argsort(-exact, kind="stable")[:nearest]
     return labels
 
@@ -180,10 +180,10 @@ def highest(scores: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
 EXACT_MARGIN = 1e-5  # far above the float32 product's error (about 2e-7 for unit vectors), far below real gaps
 
 
-def exact_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """The dot products of the rows of ``a`` and ``b`` (same shape) in float64, summed in a fixed order: the same
-    values whatever BLAS, threads or batch computed the float32 estimate."""
-    return (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1)
+def exact_dots(row: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The dot products of ``row`` with each of ``rows`` in float64, summed in a fixed order: the same values
+    whatever BLAS, threads or batch computed the float32 estimate."""
+    return (rows.astype(np.float64) * row.astype(np.float64)).sum(axis=1)
 
 
 def within_cluster_duplicates(vectors: np.ndarray, rank: np.ndarray, labels: np.ndarray,
@@ -249,7 +249,7 @@ def near_earlier_members(block: np.ndarray, threshold: float):
         near = (similarities >= threshold - EXACT_MARGIN) & (np.arange(end)[None, :] < rows)
         for row in np.flatnonzero(near.any(axis=1)):
             earlier = np.flatnonzero(near[row])
-            exact = exact_dots(np.broadcast_to(block[start + row], (len(earlier), block.shape[1])), block[earlier])
+            exact = exact_dots(block[start + row], block[earlier])
             reached = exact >= threshold
             if reached.any():
                 yield start + row, earlier[reached], exact[reached].astype(np.float32)
