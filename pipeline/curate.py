@@ -30,9 +30,9 @@ class StageContractError(TypeError):
     """A stage's ``annotate`` returned other columns than the ones it declares (a programming error)."""
 
 
-def annotate_batch(table: pa.Table, stage: Stage, earlier: list[Stage]) -> tuple[pa.Table, int]:
+def annotate_batch(table: pa.Table, stage: Stage, earlier: list[Stage]) -> tuple[pa.Table, list[int]]:
     """Run ``stage.annotate`` on the samples it should see and add its columns to ``table``; returns the table
-    and how many samples the stage annotated.
+    and the rows (indices, ascending) the stage annotated.
 
     Cheap stages see every readable sample; stages with ``only_survivors`` see only the samples that pass
     every earlier stage. A sample on which the stage raises gets ``error_stage``/``error_message`` and is
@@ -77,7 +77,7 @@ def annotate_batch(table: pa.Table, stage: Stage, earlier: list[Stage]) -> tuple
                 error_stage[i], error_message[i] = stage.name, message
         table = _set_column(table, "error_stage", pa.array(error_stage, type=pa.string()))
         table = _set_column(table, "error_message", pa.array(error_message, type=pa.string()))
-    return table, len(targets)
+    return table, targets
 
 
 def _annotate_isolating_failures(

@@ -1,9 +1,9 @@
 """The steps of a run (``pipeline.steps``) mapped onto Ray, top to bottom.
 
 Without model stages the whole job is one step, run as plain Ray tasks: each task reads its input shards one after
-the other, batch by batch, runs every stage on each batch in memory, writes the parts and commits the shard; only
-a one-row summary per shard travels back to the driver, so Ray Data's executor would only add its own actors and
-bookkeeping. With model stages, on Ray Data:
+the other in bounded batches (filled across consecutive small shards), runs every stage on each batch in memory,
+writes each shard's rows and commits the shard once its last row is written; only a one-row summary per shard
+travels back to the driver, so Ray Data's executor would only add its own actors and bookkeeping. With model stages, on Ray Data:
 
     shards -> source step (read + CPU stages, tasks) -> one actor pool per model stage -> sink step (tasks)
 

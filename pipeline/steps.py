@@ -12,7 +12,8 @@ A recipe's stages are grouped into steps:
   models' inputs (the decode stage: decoded pixels) run inside each model step, on that batch, so decoded
   pixels never cross a process and an actor holds at most one batch of them;
 * the **sink step** joins the model results back onto the carried rows, applies the verdicts and writes the
-  batch's part of the shard's outputs. Without model stages the source step does this itself.
+  batch's part of the shard's outputs. Without model stages the source step does this itself, and fills its
+  batches across consecutive shards (``curate_shards``).
 
 The input shard stays the unit of completion: parts are keyed by the position of their first sample, and a
 shard is committed (parts joined in position order, completion record last) once its parts cover every sample.
@@ -21,6 +22,7 @@ Nothing here depends on how Ray groups rows into blocks: every function works on
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
@@ -28,6 +30,7 @@ import json
 import time
 from typing import Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -135,10 +138,13 @@ class StageTimer:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.samples: dict[str, int] = {}
+        self.rows: dict[str, list[int]] = {}  # the rows of the current batch each stage annotated, where known
 
-    def add(self, name: str, seconds: float, samples: int) -> None:
+    def add(self, name: str, seconds: float, samples: int, rows: list[int] | None = None) -> None:
         self.seconds[name] = self.seconds.get(name, 0.0) + seconds
         self.samples[name] = self.samples.get(name, 0) + samples
+        if rows is not None:
+            self.rows[name] = rows
 
     def as_dict(self) -> dict[str, dict]:
         return {name: {"cpu_seconds": round(self.seconds[name], 6), "samples": self.samples[name]}
@@ -147,8 +153,27 @@ class StageTimer:
     def take(self) -> dict[str, dict]:
         """The figures so far, and start again from zero (one part's worth)."""
         figures = self.as_dict()
-        self.seconds, self.samples = {}, {}
+        self.seconds, self.samples, self.rows = {}, {}, {}
         return figures
+
+    def take_split(self, sizes: list[int]) -> list[dict[str, dict]]:
+        """The figures of one batch made of consecutive runs of ``sizes`` rows (the pieces of several shards), one
+        dict per run, and start again from zero. Samples are exact: the rows each stage annotated in that run (a
+        stage without a row list annotated every row). CPU seconds are shared by rows: a batch's time has no
+        finer attribution."""
+        bounds = np.cumsum([0, *sizes])
+        total = int(bounds[-1]) or 1
+        split = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            figures = {}
+            for name, seconds in self.seconds.items():
+                rows = self.rows.get(name)
+                samples = (int(end - start) if rows is None
+                           else bisect.bisect_left(rows, end) - bisect.bisect_left(rows, start))
+                figures[name] = {"cpu_seconds": round(seconds * (end - start) / total, 6), "samples": samples}
+            split.append(figures)
+        self.seconds, self.samples, self.rows = {}, {}, {}
+        return split
 
 
 def run_stages(table: pa.Table, stages: list[Stage], positions: tuple[int, ...], timer: StageTimer) -> pa.Table:
@@ -157,7 +182,7 @@ def run_stages(table: pa.Table, stages: list[Stage], positions: tuple[int, ...],
         stage = stages[position]
         started = time.process_time()
         table, annotated = annotate_batch(table, stage, stages[:position])
-        timer.add(stage.name, time.process_time() - started, annotated)
+        timer.add(stage.name, time.process_time() - started, len(annotated), annotated)
     return table
 
 
@@ -175,42 +200,117 @@ def read_batches(source: str, read: ReadParams, timer: StageTimer) -> Iterator[p
 
 # ------------------------------------------------------------------------------- source step: read + CPU stages
 
+@dataclasses.dataclass(eq=False)
+class ShardInFlight:
+    """A shard of a rule task between its first read and its summary: its writer, the pieces of it read but not
+    yet written, and once every piece is written (or it failed) its result, a summary or a commit's future."""
+
+    source: str
+    stem: str
+    writer: ShardWriter | None = None
+    unwritten: int = 0  # pieces read and not yet annotated and written
+    read: bool = False  # every batch of it has been read
+    result: object = None  # summary dict, or a Future of one
+
+    def fail(self, exc: BaseException) -> None:
+        if self.result is None:
+            if self.writer is not None:
+                self.writer.abort()
+            self.result = shard_summary(self.stem, self.source, error=describe(exc))
+
+
 def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[dict]:
-    """Without model stages: for each (source, stem), read, annotate, judge and write every batch of the shard,
-    then commit it. Yields one summary per shard (the completion record's counts, or the shard's error), each
-    only once its commit has returned.
+    """Without model stages: read, annotate, judge and write every sample of each (source, stem), then commit the
+    shard. Yields one summary per shard (the completion record's counts, or the shard's error), in the order of
+    ``shards``, each only once its commit has returned.
+
+    Batches are bounded by ``read.batch_samples`` and ``read.batch_bytes``, not by shards: the samples of
+    consecutive small shards are annotated and judged together (stages are per sample: grouping never changes a
+    result), then each shard's rows go to its own writer. Small shards thus pay the per-batch costs once per
+    batch, not once each. A shard that cannot be read fails alone; a batch whose stages raise fails the shards
+    that had samples in it.
 
     A commit mostly waits (fsync on a local disk, uploads to an object store), so it runs on a thread of its own
-    while the next shard is read and judged; at most one commit waits behind the one running. Summaries follow
-    the order of ``shards``."""
-    pending: collections.deque = collections.deque()  # a summary, or a commit's future of one
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
-        for source, stem in shards:
-            writer = written_shard(ctx, source, stem)
-            pending.append(writer if isinstance(writer, dict) else committer.submit(commit_written, ctx, writer))
-            while pending and (len(pending) > 2 or _ready(pending[0])):
-                yield _result(pending.popleft())
-        while pending:
-            yield _result(pending.popleft())
-
-
-def written_shard(ctx: RunContext, source: str, stem: str) -> ShardWriter | dict:
-    """Every batch of a shard read, judged and written: the writer, ready to commit; or the shard's error."""
+    while the next batches are read and judged; at most one commit waits behind the one running."""
     stages = ctx.stages()
     out = OutputDir(ctx.out_root)
-    writer = None
-    try:
-        out.clear_parts(stem)
-        writer = ShardWriter(out, stem, source)
-        timer = StageTimer()
-        for batch in read_batches(source, ctx.read, timer):
-            batch = run_stages(batch, stages, ctx.plan.source, timer)
-            writer.add(finish_batch(batch, stages), timer.take())
-        return writer
-    except Exception as exc:  # noqa: BLE001 - a bad shard fails alone, with its reason
-        if writer is not None:
-            writer.abort()
-        return shard_summary(stem, source, error=describe(exc))
+    timer = StageTimer()
+    in_flight: collections.deque[ShardInFlight] = collections.deque()
+    pieces: list[tuple[ShardInFlight, pa.Table]] = []  # read, in order, waiting for their batch to fill
+    held = {"rows": 0, "bytes": 0}
+
+    def write_pieces() -> None:
+        """Annotate and judge the pieces held as one batch, and hand each shard its rows."""
+        if not pieces:
+            return
+        error = None
+        try:
+            table = pa.concat_tables([piece for _, piece in pieces]) if len(pieces) > 1 else pieces[0][1]
+            table = finish_batch(run_stages(table, stages, ctx.plan.source, timer), stages)
+            timings = timer.take_split([piece.num_rows for _, piece in pieces])
+        except Exception as exc:  # noqa: BLE001 - the shards of this batch fail; the others go on
+            timer.take()
+            error = exc
+        offset = 0
+        for i, (shard, piece) in enumerate(pieces):
+            shard.unwritten -= 1
+            if error is not None:
+                shard.fail(error)
+            elif shard.result is None:
+                try:
+                    shard.writer.add(table.slice(offset, piece.num_rows), timings[i])
+                except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
+                    shard.fail(exc)
+            offset += piece.num_rows
+        pieces.clear()
+        held["rows"] = held["bytes"] = 0
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
+
+        def finished() -> Iterator[dict]:
+            """Summaries of the shards at the head of the line that are done, committing those fully written."""
+            for shard in in_flight:
+                if shard.result is None and shard.read and shard.unwritten == 0:
+                    shard.result = committer.submit(commit_written, ctx, shard.writer)
+            while in_flight and in_flight[0].result is not None:
+                waiting = sum(1 for s in in_flight if isinstance(s.result, concurrent.futures.Future))
+                if not (_ready(in_flight[0].result) or waiting > 2):
+                    return
+                yield _result(in_flight.popleft().result)
+
+        for source, stem in shards:
+            shard = ShardInFlight(source, stem)
+            in_flight.append(shard)
+            try:
+                out.clear_parts(stem)
+                shard.writer = ShardWriter(out, stem, source)
+                for batch in read_batches(source, ctx.read, timer):
+                    while batch.num_rows and shard.result is None:
+                        room = ctx.read.batch_samples - held["rows"]
+                        piece, batch = batch.slice(0, room), batch.slice(room)
+                        pieces.append((shard, piece))
+                        shard.unwritten += 1
+                        held["rows"] += piece.num_rows
+                        held["bytes"] += piece.nbytes
+                        if held["rows"] >= ctx.read.batch_samples or held["bytes"] >= ctx.read.batch_bytes:
+                            write_pieces()
+                            yield from finished()
+                    if shard.result is not None:
+                        break
+            except Exception as exc:  # noqa: BLE001 - a bad shard fails alone, with its reason
+                shard.fail(exc)
+                kept = [(owner, piece) for owner, piece in pieces if owner is not shard]
+                pieces[:] = kept
+                held["rows"] = sum(piece.num_rows for _, piece in kept)
+                held["bytes"] = sum(piece.nbytes for _, piece in kept)
+                shard.unwritten = 0
+            shard.read = True
+            yield from finished()
+        write_pieces()
+        while in_flight:
+            yield from finished()
+            if in_flight:
+                concurrent.futures.wait([in_flight[0].result])
 
 
 def commit_written(ctx: RunContext, writer: ShardWriter) -> dict:

@@ -38,6 +38,62 @@ def test_outputs_are_byte_identical_whatever_the_batch_size(ray_cluster, tmp_pat
     assert results[7][0]["flickr8k-00001.tar"]  # something was kept and compared
 
 
+SMALL_SHARD_SIZES = (1, 13, 40, 7, 60, 29)  # consecutive small shards share batches; one truncated among them
+
+
+def curate_small_shards(paths, out, batch_samples):
+    """The rule recipe's source step run directly (no Ray) over the shards at ``paths``: (summaries, outputs)."""
+    from pipeline.steps import RunContext, curate_shards
+
+    config = load_config(QWEN, [f"read.batch_samples={batch_samples}"])
+    ctx = RunContext(specs=config.enabled_stages, read=config.read, out_root=str(out),
+                     fingerprint=config.fingerprint(), config_name=config.name)
+    return list(curate_shards(ctx, [(str(path), path.stem) for path in paths])), outputs_of(out)
+
+
+def test_small_shards_share_batches_and_each_is_committed_alone(tmp_path):
+    members = flickr_members(require(FLICKR / "flickr8k-00001.tar"), sum(SMALL_SHARD_SIZES))
+    samples = [members[i:i + 3] for i in range(0, len(members), 3)]  # .jpg, .json, .txt of each key
+    assert all(len({name.split(".")[0] for name, _ in sample}) == 1 for sample in samples)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    start = 0
+    for number, size in enumerate(SMALL_SHARD_SIZES):
+        orphan = [("zz-orphan.txt", b"a caption without its image")] if number == 4 else []  # unreadable
+        write_tar(folder / f"small-{number}.tar",
+                  [m for sample in samples[start:start + size] for m in sample] + orphan)
+        start += size
+    whole = (folder / "small-3.tar").read_bytes()
+    (folder / "small-3.tar").write_bytes(whole[: len(whole) // 2 + 100])  # cut inside a member
+
+    paths = sorted(folder.glob("*.tar"))
+    runs = {batch: curate_small_shards(paths, tmp_path / f"out-{batch}", batch) for batch in (7, 100, 10_000)}
+    for summaries, _ in runs.values():
+        assert [s["stem"] for s in summaries] == [f"small-{n}" for n in range(len(SMALL_SHARD_SIZES))]
+        assert [s["total"] for s in summaries if s["committed"]] == [1, 13, 40, 61, 29]
+        (failed,) = [s for s in summaries if not s["committed"]]
+        assert failed["stem"] == "small-3" and "unreadable tar archive" in failed["error"]
+    assert runs[7][1] == runs[100][1] == runs[10_000][1]
+    assert "small-3.tar" not in runs[7][1][0]  # nothing of the failed shard was written, whatever it shared
+
+    # the same as each shard curated on its own
+    for number in (0, 2, 5):
+        _, (shards, manifests) = curate_small_shards([paths[number]], tmp_path / f"out-alone-{number}", 10_000)
+        assert shards[f"small-{number}.tar"] == runs[7][1][0][f"small-{number}.tar"]
+        assert manifests[f"small-{number}.parquet"] == runs[7][1][1][f"small-{number}.parquet"]
+
+    # each shard's completion record counts its own samples per stage, exactly, whatever the batches were
+    def samples_per_stage(batch):
+        records = sorted((tmp_path / f"out-{batch}" / "_state").glob("*.done.json"))
+        return {r.name: {name: figures["samples"] for name, figures in json.loads(r.read_text())["timing"].items()}
+                for r in records}
+
+    counted = samples_per_stage(7)
+    assert counted == samples_per_stage(100) == samples_per_stage(10_000)
+    assert counted["small-4.done.json"]["read"] == 61 and counted["small-0.done.json"]["read"] == 1
+    assert counted["small-4.done.json"]["html"] == 60  # the stages see only the readable samples
+
+
 MODEL_RECIPE_SAMPLES = 60  # the model stages cost most per sample: a shard of the first samples of a real one
 
 
