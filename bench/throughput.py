@@ -1,6 +1,7 @@
 """Throughput of the rule stages against the two-core floor, for small and large shards, and linearity.
 
     .venv/bin/python bench/throughput.py [--samples 100000] [--per-shard 250 10000] [--scales 1 4]
+                                         [--work DIR] [--outputs DIR]
 
 Real Flickr8k samples from ../shared/data are replicated (keys made unique) into shards of each ``--per-shard``
 size. Measured in the same run, back to back:
@@ -13,6 +14,10 @@ size. Measured in the same run, back to back:
   each corpus is run first under a memory monitor (machine memory in use above idle, the largest Ray worker's
   peak RSS), then again, timed alone (the monitor's own reads would slow it on a small machine), with every
   worker process started and its models loaded.
+
+Every shard's outputs are three files (tar, manifest, completion record), so on a disk the file system's cost of
+creating files weighs on small shards: ``--outputs /dev/shm/...`` (a tmpfs, where the memory column then also
+counts the outputs) measures vlcurate without it.
 """
 
 from __future__ import annotations
@@ -105,6 +110,9 @@ def main():
     parser.add_argument("--scales", type=int, nargs="*", default=[1, 4], help="linearity check, first shard size")
     parser.add_argument("--config", default=str(ROOT / "configs" / "qwen-vl-rules.yaml"))
     parser.add_argument("--work", default=None, help="folder for the corpora (default: a temporary one)")
+    parser.add_argument("--outputs", default=None,
+                        help="folder for vlcurate's outputs (default: --work); e.g. a tmpfs such as /dev/shm, to "
+                             "leave out the file system's cost of creating files (three per shard)")
     args = parser.parse_args()
     if not FLICKR.is_dir():
         sys.exit(f"{FLICKR} not found: the benchmark replicates the real Flickr8k shards")
@@ -125,8 +133,9 @@ def main():
         init_ray()
         print(f"Ray start-up: {time.perf_counter() - started:.1f} s")
         warm = replicate(work / "in-warm", 2_000, 250)
-        shutil.rmtree(work / "out-warm", ignore_errors=True)  # the corpora may be reused with another recipe
-        run_curation(config, [str(warm)], str(work / "out-warm"), progress=False)
+        warm_out = Path(args.outputs or work) / "out-warm"
+        shutil.rmtree(warm_out, ignore_errors=True)  # the corpora may be reused with another recipe
+        run_curation(config, [str(warm)], str(warm_out), progress=False)
 
         print(f"\n{'run':<28}{'samples':>9}{'wall s':>8}{'samples/s':>11}{'/floor':>8}{'/fast floor':>12}"
               f"{'mem above idle MiB':>20}{'largest worker MiB':>20}")
@@ -137,7 +146,7 @@ def main():
                              replicate(work / f"in-{args.per_shard[0]}-{scale}x", args.samples * scale,
                                        args.per_shard[0])))
         for name, corpus in runs:
-            out = work / f"out-{corpus.name}"
+            out = Path(args.outputs or work) / f"out-{corpus.name}"
             # Run under the memory monitor for the memory columns, then again, timed without it: its reads of
             # every process's memory map cost CPU that the run would miss on a small machine, and the first pass
             # leaves every worker process started, with its models loaded (the steady state).

@@ -202,8 +202,8 @@ def read_batches(source: str, read: ReadParams, timer: StageTimer) -> Iterator[p
 
 @dataclasses.dataclass(eq=False)
 class ShardInFlight:
-    """A shard of a rule task between its first read and its summary: its writer, the pieces of it read but not
-    yet written, and once every piece is written (or it failed) its result, a summary or a commit's future."""
+    """A shard of a rule task between its first read and its summary: its writer, how many pieces of it wait in
+    a batch, and once every piece is written (or it failed) its result, a summary or a commit's future."""
 
     source: str
     stem: str
@@ -219,6 +219,60 @@ class ShardInFlight:
             self.result = shard_summary(self.stem, self.source, error=describe(exc))
 
 
+class SharedBatch:
+    """Pieces of consecutive shards held until they fill one batch (``read.batch_samples``, ``read.batch_bytes``),
+    then annotated and judged as one table; each shard's rows go to its own writer."""
+
+    def __init__(self, ctx: RunContext, stages: list[Stage], timer: StageTimer):
+        self.ctx, self.stages, self.timer = ctx, stages, timer
+        self.pieces: list[tuple[ShardInFlight, pa.Table]] = []
+        self.rows = self.bytes = 0
+
+    def room(self) -> int:
+        return self.ctx.read.batch_samples - self.rows
+
+    def add(self, shard: ShardInFlight, piece: pa.Table) -> bool:
+        """Hold ``piece`` (at most ``room()`` rows); True when the batch is full."""
+        self.pieces.append((shard, piece))
+        shard.unwritten += 1
+        self.rows += piece.num_rows
+        self.bytes += piece.nbytes
+        return self.rows >= self.ctx.read.batch_samples or self.bytes >= self.ctx.read.batch_bytes
+
+    def drop(self, shard: ShardInFlight) -> None:
+        """Let go of a failed shard's pieces."""
+        self.pieces = [(owner, piece) for owner, piece in self.pieces if owner is not shard]
+        self.rows = sum(piece.num_rows for _, piece in self.pieces)
+        self.bytes = sum(piece.nbytes for _, piece in self.pieces)
+        shard.unwritten = 0
+
+    def write(self) -> None:
+        """Annotate and judge the pieces held, hand each shard its rows, and start an empty batch. If the stages
+        raise, every shard with rows in the batch fails; if a writer raises, its shard fails."""
+        pieces, self.pieces, self.rows, self.bytes = self.pieces, [], 0, 0
+        if not pieces:
+            return
+        try:
+            table = pa.concat_tables([piece for _, piece in pieces]) if len(pieces) > 1 else pieces[0][1]
+            table = finish_batch(run_stages(table, self.stages, self.ctx.plan.source, self.timer), self.stages)
+            timings = self.timer.take_split([piece.num_rows for _, piece in pieces])
+        except Exception as exc:  # noqa: BLE001 - the shards of this batch fail; the others go on
+            self.timer.take()
+            for shard, _ in pieces:
+                shard.unwritten -= 1
+                shard.fail(exc)
+            return
+        offset = 0
+        for (shard, piece), timing in zip(pieces, timings):
+            shard.unwritten -= 1
+            if shard.result is None:
+                try:
+                    shard.writer.add(table.slice(offset, piece.num_rows), timing)
+                except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
+                    shard.fail(exc)
+            offset += piece.num_rows
+
+
 def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[dict]:
     """Without model stages: read, annotate, judge and write every sample of each (source, stem), then commit the
     shard. Yields one summary per shard (the completion record's counts, or the shard's error), in the order of
@@ -226,49 +280,20 @@ def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[di
 
     Batches are bounded by ``read.batch_samples`` and ``read.batch_bytes``, not by shards: the samples of
     consecutive small shards are annotated and judged together (stages are per sample: grouping never changes a
-    result), then each shard's rows go to its own writer. Small shards thus pay the per-batch costs once per
-    batch, not once each. A shard that cannot be read fails alone; a batch whose stages raise fails the shards
-    that had samples in it.
+    result), then each shard's rows go to its own writer (``SharedBatch``). Small shards thus pay the per-batch
+    costs once per batch, not once each. A shard that cannot be read fails alone.
 
     A commit mostly waits (fsync on a local disk, uploads to an object store), so it runs on a thread of its own
     while the next batches are read and judged; at most one commit waits behind the one running."""
-    stages = ctx.stages()
     out = OutputDir(ctx.out_root)
     timer = StageTimer()
-    in_flight: collections.deque[ShardInFlight] = collections.deque()
-    pieces: list[tuple[ShardInFlight, pa.Table]] = []  # read, in order, waiting for their batch to fill
-    held = {"rows": 0, "bytes": 0}
-
-    def write_pieces() -> None:
-        """Annotate and judge the pieces held as one batch, and hand each shard its rows."""
-        if not pieces:
-            return
-        error = None
-        try:
-            table = pa.concat_tables([piece for _, piece in pieces]) if len(pieces) > 1 else pieces[0][1]
-            table = finish_batch(run_stages(table, stages, ctx.plan.source, timer), stages)
-            timings = timer.take_split([piece.num_rows for _, piece in pieces])
-        except Exception as exc:  # noqa: BLE001 - the shards of this batch fail; the others go on
-            timer.take()
-            error = exc
-        offset = 0
-        for i, (shard, piece) in enumerate(pieces):
-            shard.unwritten -= 1
-            if error is not None:
-                shard.fail(error)
-            elif shard.result is None:
-                try:
-                    shard.writer.add(table.slice(offset, piece.num_rows), timings[i])
-                except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
-                    shard.fail(exc)
-            offset += piece.num_rows
-        pieces.clear()
-        held["rows"] = held["bytes"] = 0
-
+    batch = SharedBatch(ctx, ctx.stages(), timer)
+    in_flight: collections.deque[ShardInFlight] = collections.deque()  # in the order of ``shards``
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
 
         def finished() -> Iterator[dict]:
-            """Summaries of the shards at the head of the line that are done, committing those fully written."""
+            """Commit the shards fully written; yield the summaries at the head of the line that are ready (or
+            wait for the first when more than two commits are waiting)."""
             for shard in in_flight:
                 if shard.result is None and shard.read and shard.unwritten == 0:
                     shard.result = committer.submit(commit_written, ctx, shard.writer)
@@ -284,29 +309,21 @@ def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[di
             try:
                 out.clear_parts(stem)
                 shard.writer = ShardWriter(out, stem, source)
-                for batch in read_batches(source, ctx.read, timer):
-                    while batch.num_rows and shard.result is None:
-                        room = ctx.read.batch_samples - held["rows"]
-                        piece, batch = batch.slice(0, room), batch.slice(room)
-                        pieces.append((shard, piece))
-                        shard.unwritten += 1
-                        held["rows"] += piece.num_rows
-                        held["bytes"] += piece.nbytes
-                        if held["rows"] >= ctx.read.batch_samples or held["bytes"] >= ctx.read.batch_bytes:
-                            write_pieces()
+                for read in read_batches(source, ctx.read, timer):
+                    while read.num_rows and shard.result is None:
+                        room = batch.room()
+                        if batch.add(shard, read.slice(0, room)):
+                            batch.write()
                             yield from finished()
-                    if shard.result is not None:
+                        read = read.slice(room)
+                    if shard.result is not None:  # its rows failed in a batch: read no more of it
                         break
             except Exception as exc:  # noqa: BLE001 - a bad shard fails alone, with its reason
                 shard.fail(exc)
-                kept = [(owner, piece) for owner, piece in pieces if owner is not shard]
-                pieces[:] = kept
-                held["rows"] = sum(piece.num_rows for _, piece in kept)
-                held["bytes"] = sum(piece.nbytes for _, piece in kept)
-                shard.unwritten = 0
+                batch.drop(shard)
             shard.read = True
             yield from finished()
-        write_pieces()
+        batch.write()
         while in_flight:
             yield from finished()
             if in_flight:

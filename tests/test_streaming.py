@@ -94,6 +94,32 @@ def test_small_shards_share_batches_and_each_is_committed_alone(tmp_path):
     assert counted["small-4.done.json"]["html"] == 60  # the stages see only the readable samples
 
 
+def test_a_batch_whose_stages_raise_fails_only_the_shards_with_rows_in_it(tmp_path, monkeypatch):
+    import pipeline.steps
+
+    members = flickr_members(require(FLICKR / "flickr8k-00001.tar"), 40)
+    samples = [members[i:i + 3] for i in range(0, len(members), 3)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number in range(4):  # 10 samples each: batches of 20 hold shards 0+1 and 2+3
+        write_tar(folder / f"small-{number}.tar", [m for sample in samples[number * 10:(number + 1) * 10]
+                                                    for m in sample])
+    poisoned = samples[25][0][0].split(".")[0]  # a key of shard 2
+    original = pipeline.steps.finish_batch
+
+    def finish_batch(table, stages):
+        if poisoned in table.column("key").to_pylist():
+            raise MemoryError("no room for this batch")
+        return original(table, stages)
+
+    monkeypatch.setattr(pipeline.steps, "finish_batch", finish_batch)
+    summaries, (shards, _) = curate_small_shards(sorted(folder.glob("*.tar")), tmp_path / "out", 20)
+    assert [(s["stem"], s["committed"]) for s in summaries] == [
+        ("small-0", True), ("small-1", True), ("small-2", False), ("small-3", False)]
+    assert "no room for this batch" in summaries[2]["error"] and "no room" in summaries[3]["error"]
+    assert sorted(shards) == ["small-0.tar", "small-1.tar"]
+
+
 MODEL_RECIPE_SAMPLES = 60  # the model stages cost most per sample: a shard of the first samples of a real one
 
 
