@@ -14,6 +14,7 @@ from models.langid import ModelFileError
 from pipeline.config import ConfigError, load_config
 from pipeline.lease import LeaseError
 from pipeline.quiet import VERBOSE_ENV, RayLinesFiltered
+from pipeline.raystart import RayUnreachable
 from pipeline.run import UsageError
 from pipeline.shards import InputError
 from pipeline.synth import DUPLICATE_TYPES, NOISE_TYPES
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with RayLinesFiltered():
             return args.handler(args)
-    except (ConfigError, InputError, LeaseError, ModelFileError, UsageError) as exc:
+    except (ConfigError, InputError, LeaseError, ModelFileError, RayUnreachable, UsageError) as exc:
         print(f"vlcurate: error: {printable(str(exc))}", file=sys.stderr)  # paths may come from listings
         return EXIT_USAGE
     except KeyboardInterrupt:

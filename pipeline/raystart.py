@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from pipeline.quiet import ray_driver_logging, verbose
 
@@ -15,6 +16,30 @@ from pipeline.quiet import ray_driver_logging, verbose
 # object store; beyond it Ray Data holds the producing step back. Ray's default (half) lets a fast source step
 # park gigabytes of pixels in front of the model actors.
 OBJECT_STORE_SHARE = 0.05
+
+
+CONNECT_TIMEOUT_S = 10  # how long a cluster's address may take to accept a connection
+
+
+class RayUnreachable(RuntimeError):
+    """The Ray cluster an address names cannot be joined; the message says what to check."""
+
+
+FIX = ("check --address or RAY_ADDRESS (`ray status` on the head node prints the cluster's address), or leave "
+       "both unset to start Ray on this machine")
+
+
+def check_reachable(address: str) -> None:
+    """Fail fast where nothing listens at a cluster's ``host:port``: Ray itself would wait without end."""
+    if address in ("auto", "local"):
+        return
+    host, colon, port = address.removeprefix("ray://").rpartition(":")
+    if not colon or not port.isdigit():
+        raise RayUnreachable(f"{address!r} is not a Ray address (HOST:PORT, auto or local): {FIX}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise RayUnreachable(f"no Ray cluster answers at {address} ({exc.strerror or exc}): {FIX}") from None
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -26,8 +51,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
-        ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-                 logging_level=logging.INFO if verbose() else logging.ERROR, **ray_driver_logging())
+        if address:
+            check_reachable(address)
+        try:
+            ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+                     logging_level=logging.INFO if verbose() else logging.ERROR, **ray_driver_logging())
+        except ConnectionError as exc:  # e.g. "auto" with no cluster running, or the cluster refused this driver
+            reason = (str(exc).strip().splitlines() or ["no reason given"])[0].rstrip(".")
+            raise RayUnreachable(f"cannot join the Ray cluster at {address}: {reason}; {FIX}") from None
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar of its own, per shard

@@ -80,6 +80,15 @@ def test_bad_override_names_the_stages():
         load_config(ROOT / "configs" / "qwen-vl.yaml", ["lenght.min_words=3"])
 
 
+def closed_port() -> int:
+    """A local TCP port that nothing listens on."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_cli_mistakes_give_one_line_and_exit_code_2(tmp_path):
     shard = write_tar(tmp_path / "s.tar", [("a.txt", b"hello world")])
     blocker = tmp_path / "file"
@@ -92,6 +101,10 @@ def test_cli_mistakes_give_one_line_and_exit_code_2(tmp_path):
          "unknown setting(s) ['x']"),
         (["run", tmp_path / "missing.yaml", "--input", shard, "--output", tmp_path / "o"], "does not exist"),
         (["stats", tmp_path], "is not a vlcurate output directory"),
+        (["run", "configs/qwen-vl-rules.yaml", "--input", shard, "--output", tmp_path / "o2", "--address",
+          f"127.0.0.1:{closed_port()}"], "no Ray cluster answers at 127.0.0.1:"),  # Ray alone would wait forever
+        (["run", "configs/qwen-vl-rules.yaml", "--input", shard, "--output", tmp_path / "o3", "--address",
+          "head-node"], "is not a Ray address (HOST:PORT, auto or local)"),
     ]
     for args, message in cases:
         result = vlcurate(*args)
