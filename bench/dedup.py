@@ -1,6 +1,6 @@
 """Deduplication: recall and precision against ground truth, hashing speed, and the global search at scale.
 
-    .venv/bin/python bench/dedup.py [--samples 6000] [--rules 3:6:7:10:7.5 3:6:-1:-1 ...] [--hashes 1000000]
+    .venv/bin/python bench/dedup.py [--samples 6000] [--seed 11] [--rules 3:6:7:10:7.5 3:6:-1:-1 ...] [--hashes 1000000]
                                     [--scale-rules 3:-1 3:7 ...] [--skip quality speed scale]
 
 Prints three tables:
@@ -180,9 +180,9 @@ def quality(samples: list[dict], group: dict[str, str], fingerprints: dict[str, 
             "other_scenes": (len(distinct) - len(other_scene), len(distinct))}
 
 
-def synth_samples(folder: Path, count: int) -> list[dict]:
+def synth_samples(folder: Path, count: int, seed: int = 11) -> list[dict]:
     noise = {name: 0.05 for name in COPY_TYPES} | {"lookalike": 0.05}
-    paths = write_synth(folder, SynthOptions(samples=count, shard_size=1000, noise=noise, seed=11))
+    paths = write_synth(folder, SynthOptions(samples=count, shard_size=1000, noise=noise, seed=seed))
     samples = []
     for path in paths:
         for batch in iter_sample_batches(str(path)):
@@ -509,8 +509,11 @@ def scale_table(count: int, rules: list[tuple[int, int]], shards: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=6000, help="synthetic samples for the quality table")
+    parser.add_argument("--seed", type=int, default=11, help="synth's seed for the quality table (the defaults "
+                        "were chosen on 11; 12 and 13 are held out)")
     parser.add_argument("--rules", nargs="+", default=["3:-1:-1:-1", "3:6:-1:-1", "3:6:-1:-1:-1:8", "3:6:7:8",
-                                                       "3:6:7:8:7.5", "3:6:7:8:7.5:8:4", "3:6:8:8:7.5:8:4"],
+                                                       "3:6:7:8:7.5", "3:6:7:8:7.5:8:4", "3:6:7:7:7.5:8:4",
+                                                       "3:6:8:7:7.5:8:4"],
                         help="MAX_HAMMING:MAX_CHROMA_HAMMING[:CROP_HAMMING:CROP_CHROMA_HAMMING[:CROP_MAX_RESIDUAL"
                              "[:MAX_COLOUR_DISTANCE[:CROP_COLOUR_DISTANCE]]]] for the quality table (-1 or left out: "
                              "no colour check, no crop matching, no thumbnail check, no mean-colour check)")
@@ -532,7 +535,7 @@ def main() -> None:
     if "quality" not in args.skip:
         print("\n== quality (a copy is found when it matches its original)")
         with tempfile.TemporaryDirectory() as folder:
-            sets = {"synth": synth_samples(Path(folder), args.samples)}
+            sets = {"synth": synth_samples(Path(folder), args.samples, args.seed)}
             if (SHARED / "flickr8k").is_dir():
                 sets["real"] = real_samples()
             rules = [tuple(float(x) if index == 4 else int(x) for index, x in enumerate(rule.split(":")))

@@ -356,7 +356,7 @@ class DedupParams(StageParams):
     # Crops: one image's pHash within this many bits of one of the other's window hashes (threshold); -1: off.
     crop_hamming: int = 7
     # ... and its chroma hash within this many bits of that window's chroma hash (threshold); -1: luma alone.
-    crop_chroma_hamming: int = 8
+    crop_chroma_hamming: int = 7
     # ... and its luma thumbnail, against the best-aligned box of the other's thumbnail near a matched window, at
     # most this root-mean-square residual in grey levels after a gain and offset fit (threshold); -1: no check.
     crop_max_residual: float = 7.5
