@@ -525,6 +525,7 @@ def vlcurate(*args: str | Path, timeout: int = 300) -> subprocess.CompletedProce
                           capture_output=True, text=True, errors="surrogateescape", timeout=timeout)
 
 
+@pytest.mark.slow  # CLI commands in subprocesses, one of them starting Ray
 def test_cli_escapes_control_characters_from_shards(ray_cluster, tmp_path):
     # A folder of shards whose name holds a terminal sequence (no '[': that would make the path a glob).
     inputs, out = tmp_path / "in-\x1b]0;pwned\x07-red", tmp_path / "out"

@@ -151,6 +151,7 @@ def test_model_stages_on_ray_then_select_a_new_clip_threshold(ray_cluster, tiny,
     assert kept_written == stats["kept"]
 
 
+@pytest.mark.slow  # a model-recipe run end to end (a pool of CLIP actors)
 def test_top_fraction_keeps_exactly_that_share_over_the_run(ray_cluster, tiny, tmp_path):
     inputs = tmp_path / "in"
     inputs.mkdir()
