@@ -3,14 +3,15 @@
 Without model stages the whole job is one step, run as plain Ray tasks: each task reads its input shards one after
 the other in bounded batches (filled across consecutive small shards), runs every stage on each batch in memory,
 writes each shard's rows and commits the shard once its last row is written; only a one-row summary per shard
-travels back to the driver, so Ray Data's executor would only add its own actors and bookkeeping. With model stages, on Ray Data:
+travels back to the driver, so Ray Data's executor would only add its own actors and bookkeeping. With model
+stages, on Ray Data:
 
     shards -> source step (read + CPU stages, tasks) -> one actor pool per model stage -> sink step (tasks)
 
 Data crosses a process only into and out of the actor pools, as slim tables (see ``pipeline.steps``): keys,
 positions and captions; the actors read the image bytes of each batch from the shard's carry file and decode
-them themselves, so neither image bytes nor pixels sit in the object store. The source step is never fused into an actor pool:
-rule-stage parallelism is the cluster's CPUs, not the pool size.
+them themselves, so neither image bytes nor pixels sit in the object store. The source step is never fused into
+an actor pool: rule-stage parallelism is the cluster's CPUs, not the pool size.
 """
 
 from __future__ import annotations
