@@ -128,6 +128,16 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(processes, timeout=30)
 
 
+def completion_records(s3, prefix):
+    """The completion records under the bucket's PREFIX/_state now, read past fsspec's listing cache; none while
+    the run has written no state yet (a listing of a prefix being written can also find it empty)."""
+    try:
+        listing = s3.ls(f"{BUCKET}/{prefix}/_state", detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return [path for path in listing if path.endswith(".done.json")]
+
+
 @pytest.mark.slow
 def test_killed_run_into_s3_then_rerun_equals_a_local_run(s3, tmp_path):
     """Inputs and outputs in S3: a run killed with -9 after some shards completed, then rerun, gives exactly the
@@ -143,16 +153,11 @@ def test_killed_run_into_s3_then_rerun_equals_a_local_run(s3, tmp_path):
                                "--output", output, "--quiet"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
-    done = []
-    while time.time() < deadline and driver.poll() is None:
-        done = [p for p in s3.ls(f"{BUCKET}/crashed/_state", detail=False) if p.endswith(".done.json")] \
-            if s3.exists(f"{BUCKET}/crashed/_state") else []
-        if done:
-            break
+    while time.time() < deadline and driver.poll() is None and not completion_records(s3, "crashed"):
         time.sleep(0.05)
     kill_tree(driver.pid)
     driver.wait()
-    done_at_kill = [p for p in s3.ls(f"{BUCKET}/crashed/_state", detail=False) if p.endswith(".done.json")]
+    done_at_kill = completion_records(s3, "crashed")
     assert 1 <= len(done_at_kill) < 12, f"the run was not killed part-way ({len(done_at_kill)} shards done)"
     assert s3.exists(f"{BUCKET}/crashed/_state/lease.json")  # the crashed run never released its lease
 
