@@ -44,11 +44,10 @@ def entry() -> None:
     teardown after Ray's takes about a second and does nothing a finished command needs."""
     code = main()
     if "ray" in sys.modules:
-        import ray
+        from pipeline.raystart import shutdown_ray
 
         with RayLinesFiltered():
-            if ray.is_initialized():
-                ray.shutdown()
+            shutdown_ray()
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()

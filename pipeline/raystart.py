@@ -64,3 +64,24 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     context.enable_progress_bars = False  # the driver shows one bar of its own, per shard
     context.print_on_execution_start = False
     context.override_object_store_memory_limit_fraction = OBJECT_STORE_SHARE
+
+
+def shutdown_ray() -> None:
+    """Leave Ray, stopping it where this process started it, about a second sooner than ``ray.shutdown()`` alone.
+
+    Ray stops the processes it started one after another, its control store (GCS) before the autoscaler's monitor;
+    told to stop, the monitor first tries to report its own end to the control store that is already gone, and is
+    killed after a second of that. On one machine there is nothing to autoscale and the monitor keeps nothing a
+    finished command needs, so it is stopped first, at once. On a joined cluster Ray started nothing here and
+    this is ``ray.shutdown()``, which only disconnects."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    node = getattr(ray._private.worker, "_global_node", None)  # the processes Ray started here, if any
+    for started in (getattr(node, "all_processes", None) or {}).get("monitor", []):
+        process = getattr(started, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=10)
+    ray.shutdown()

@@ -29,13 +29,11 @@ def require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    import ray
-
-    from pipeline.raystart import init_ray
+    from pipeline.raystart import init_ray, shutdown_ray
 
     init_ray(num_cpus=2)  # vlcurate's own start-up, as the CLI does it, on two CPUs
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(scope="session")
