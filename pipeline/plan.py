@@ -24,6 +24,7 @@ from typing import Iterator
 import pyarrow as pa
 import ray
 
+from pipeline.raystart import ray_data
 from pipeline.shards import Shard
 from pipeline.steps import (SUMMARY_SCHEMA, RunContext, curate_shards, run_model_stage, slim_batches,
                             write_model_results)
@@ -154,7 +155,8 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
         bounds = [i * size + min(i, extra) for i in range(tasks + 1)]
         groups = [[(item["source"], item["stem"]) for item in items[a:b]] for a, b in zip(bounds, bounds[1:])]
         return ShardTasks(groups, ctx, source_cpus(ctx))
-    dataset = ray.data.from_items(items, override_num_blocks=tasks)
+    data = ray_data()  # imported here: rule recipes never need it
+    dataset = data.from_items(items, override_num_blocks=tasks)
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",
@@ -165,7 +167,7 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
         dataset = dataset.map_batches(
             ModelActor,
             fn_constructor_kwargs={"ctx": ctx, "index": index, "cpus": cpus[index]},
-            compute=ray.data.ActorPoolStrategy(min_size=resources.pool_bounds[0], max_size=resources.pool_bounds[1]),
+            compute=data.ActorPoolStrategy(min_size=resources.pool_bounds[0], max_size=resources.pool_bounds[1]),
             num_gpus=resources.num_gpus if gpus_available else 0,
             num_cpus=cpus[index],
             batch_size=resources.batch_size,

@@ -262,9 +262,9 @@ def ray_train_environment():
 
 def training_dataset(train_shards: list[str], spec: TaskSpec):
     """The training shards read with Ray Data and prepared by the task's ``preprocess``, lazily."""
-    import ray.data
+    from pipeline.raystart import ray_data
 
-    dataset = ray.data.read_webdataset(train_shards, decoder=None)
+    dataset = ray_data().read_webdataset(train_shards, decoder=None)
     # Tasks, not an actor pool: a pool would hold its CPUs for the whole run, and with the train workers holding
     # theirs the reads could starve on a small machine.
     return dataset.map_batches(preprocess_block, fn_kwargs={"task": spec}, batch_format="numpy", batch_size=256)
