@@ -113,6 +113,46 @@ def test_cli_mistakes_give_one_line_and_exit_code_2(tmp_path):
         assert len(lines) == 1 and lines[0].startswith("vlcurate: error:") and message in lines[0], result.stderr
 
 
+STOP_RAY = """
+import json
+import ray
+from pipeline.raystart import init_ray, shutdown_ray
+
+init_ray(num_cpus=1)
+started = ray._private.worker._global_node.all_processes  # what Ray started for this process, by kind
+pids = {kind: [info.process.pid for info in infos] for kind, infos in started.items()}
+shutdown_ray()
+shutdown_ray()  # with Ray stopped, nothing to do
+print(json.dumps({"pids": pids, "initialized": ray.is_initialized()}))
+"""
+
+
+def test_a_command_that_started_ray_stops_every_process_it_started():
+    """What the CLI does on exit: the autoscaler's monitor is stopped first (Ray would spend a second on it),
+    then Ray; nothing Ray started is left running, and a second call does nothing."""
+    import json
+    import os
+
+    import psutil
+
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}  # a Ray of its own
+    result = subprocess.run([sys.executable, "-c", STOP_RAY], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert not report["initialized"]
+    assert {"monitor", "gcs_server", "raylet"} <= set(report["pids"])  # the monitor is where Ray keeps it
+
+    def running(pid: int) -> bool:
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    left = [(kind, pid) for kind, pids in report["pids"].items() for pid in pids if running(pid)]
+    assert left == []
+
+
 def test_set_takes_several_pairs_after_one_flag_and_repeated_flags():
     from pipeline.cli import build_parser
 
