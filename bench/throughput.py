@@ -118,6 +118,7 @@ def main():
         sys.exit(f"{FLICKR} not found: the benchmark replicates the real Flickr8k shards")
     config = load_config(args.config)
     work = Path(args.work or tempfile.mkdtemp(prefix="vlcurate-bench-"))
+    outputs = Path(args.outputs) if args.outputs else work
     cores = os.cpu_count()
     try:
         corpora = {n: replicate(work / f"in-{n}", args.samples, n) for n in args.per_shard}
@@ -133,7 +134,7 @@ def main():
         init_ray()
         print(f"Ray start-up: {time.perf_counter() - started:.1f} s")
         warm = replicate(work / "in-warm", 2_000, 250)
-        warm_out = Path(args.outputs or work) / "out-warm"
+        warm_out = outputs / "out-warm"
         shutil.rmtree(warm_out, ignore_errors=True)  # the corpora may be reused with another recipe
         run_curation(config, [str(warm)], str(warm_out), progress=False)
 
@@ -146,7 +147,7 @@ def main():
                              replicate(work / f"in-{args.per_shard[0]}-{scale}x", args.samples * scale,
                                        args.per_shard[0])))
         for name, corpus in runs:
-            out = Path(args.outputs or work) / f"out-{corpus.name}"
+            out = outputs / f"out-{corpus.name}"
             # Run under the memory monitor for the memory columns, then again, timed without it: its reads of
             # every process's memory map cost CPU that the run would miss on a small machine, and the first pass
             # leaves every worker process started, with its models loaded (the steady state).
