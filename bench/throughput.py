@@ -1,6 +1,6 @@
 """Throughput of the rule stages against the two-core floor, for small and large shards, and linearity.
 
-    .venv/bin/python bench/throughput.py [--samples 100000] [--per-shard 250 10000] [--scales 1 4]
+    .venv/bin/python bench/throughput.py [--samples 100000] [--per-shard 250 10000] [--scales 1 4] [--rounds 3]
                                          [--work DIR] [--outputs DIR]
 
 Real Flickr8k samples from ../shared/data are replicated (keys made unique) into shards of each ``--per-shard``
@@ -12,8 +12,10 @@ size. Measured in the same run, back to back:
 * vlcurate on Ray (this process as driver, Ray started once and warmed up on a small run, not counted): samples/s
   in steady state, its ratio to the floor, and for ``--scales`` the same corpus replicated 1x and 4x (linearity);
   each corpus is run first under a memory monitor (machine memory in use above idle, the largest Ray worker's
-  peak RSS), then again, timed alone (the monitor's own reads would slow it on a small machine), with every
-  worker process started and its models loaded.
+  peak RSS); then every corpus is timed alone (the monitor's own reads would slow it on a small machine), with
+  every worker process started and its models loaded, ``--rounds`` times, the corpora taking turns within each
+  round so that a slow spell of the machine weighs on all of them alike. The table shows each corpus's median
+  round; the rounds themselves are printed below it, with the ratio of each corpus to the first in that round.
 
 Every shard's outputs are three files (tar, manifest, completion record), so on a disk the file system's cost of
 creating files weighs on small shards: ``--outputs /dev/shm/...`` (a tmpfs, where the memory column then also
@@ -108,12 +110,15 @@ def main():
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--per-shard", type=int, nargs="+", default=[250, 10_000])
     parser.add_argument("--scales", type=int, nargs="*", default=[1, 4], help="linearity check, first shard size")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of each corpus, taking turns")
     parser.add_argument("--config", default=str(ROOT / "configs" / "qwen-vl-rules.yaml"))
     parser.add_argument("--work", default=None, help="folder for the corpora (default: a temporary one)")
     parser.add_argument("--outputs", default=None,
                         help="folder for vlcurate's outputs (default: --work); e.g. a tmpfs such as /dev/shm, to "
                              "leave out the file system's cost of creating files (three per shard)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if not FLICKR.is_dir():
         sys.exit(f"{FLICKR} not found: the benchmark replicates the real Flickr8k shards")
     config = load_config(args.config)
@@ -146,20 +151,37 @@ def main():
                 runs.append((f"{scale}x, {args.per_shard[0]}-sample shards",
                              replicate(work / f"in-{args.per_shard[0]}-{scale}x", args.samples * scale,
                                        args.per_shard[0])))
+        # Each corpus under the memory monitor for the memory columns; the timed runs go without it: its reads of
+        # every process's memory map cost CPU that the run would miss on a small machine, and this first pass
+        # leaves every worker process started, with its models loaded (the steady state).
+        monitored = {}
         for name, corpus in runs:
             out = outputs / f"out-{corpus.name}"
-            # Run under the memory monitor for the memory columns, then again, timed without it: its reads of
-            # every process's memory map cost CPU that the run would miss on a small machine, and the first pass
-            # leaves every worker process started, with its models loaded (the steady state).
             shutil.rmtree(out, ignore_errors=True)
             with MachineMonitor() as monitor:
                 run_curation(config, [str(corpus)], str(out), progress=False)
             shutil.rmtree(out, ignore_errors=True)
-            result = run_curation(config, [str(corpus)], str(out), progress=False)
-            rate = result.samples_processed / result.seconds
-            print(f"{name:<28}{result.samples_processed:>9}{result.seconds:>8.1f}{rate:>11.0f}{rate / stdlib:>8.2f}"
+            monitored[name] = monitor
+        timed = {name: [] for name, _ in runs}  # (seconds, samples) per round
+        for _ in range(args.rounds):
+            for name, corpus in runs:
+                out = outputs / f"out-{corpus.name}"
+                result = run_curation(config, [str(corpus)], str(out), progress=False)
+                timed[name].append((result.seconds, result.samples_processed))
+                shutil.rmtree(out, ignore_errors=True)
+        for name, _ in runs:
+            seconds, samples = sorted(timed[name])[len(timed[name]) // 2]
+            rate = samples / seconds
+            monitor = monitored[name]
+            print(f"{name:<28}{samples:>9}{seconds:>8.1f}{rate:>11.0f}{rate / stdlib:>8.2f}"
                   f"{rate / fast:>12.2f}{monitor.above_idle / MIB:>20.0f}{monitor.largest_worker / MIB:>20.0f}")
-            shutil.rmtree(out, ignore_errors=True)
+        first = runs[0][0]
+        print(f"\nrounds (samples/s, and as a ratio to {first} in the same round):")
+        for index in range(args.rounds):
+            base_rate = timed[first][index][1] / timed[first][index][0]
+            cells = [f"{name}: {samples / seconds:.0f} ({samples / seconds / base_rate:.2f})"
+                     for name, rounds in timed.items() for seconds, samples in [rounds[index]]]
+            print(f"  {index + 1}: " + ", ".join(cells))
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
