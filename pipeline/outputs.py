@@ -141,16 +141,15 @@ class OutputDir:
     def _records(self, suffix: str) -> dict[str, dict]:
         """Records by shard stem; the stem comes from the record's file name (never from its content), so an
         edited record cannot point a later write elsewhere."""
+        stems = [name[: -len(suffix)] for name in self.store.list_names(STATE, suffix)]
+        stems = [stem for stem in stems if is_safe_stem(stem)]
         records = {}
-        for name in self.store.list_names(STATE, suffix):
-            stem = name[: -len(suffix)]
-            if not is_safe_stem(stem):
-                continue
+        for stem, data in zip(stems, self.store.read_many([f"{STATE}/{stem}{suffix}" for stem in stems])):
             try:
-                record = json.loads(self.store.read_bytes(f"{STATE}/{name}"))
-            except (ValueError, OSError):
-                continue  # unreadable: the shard counts as not done, and is redone
-            if isinstance(record, dict):
+                record = json.loads(data) if data is not None else None
+            except ValueError:
+                record = None
+            if isinstance(record, dict):  # else unreadable: the shard counts as not done, and is redone
                 records[stem] = {**record, "stem": stem}
         return records
 

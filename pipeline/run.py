@@ -172,16 +172,16 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
     from pipeline.steps import RunContext
 
     saved = saved_config(out)
+    done = out.done_records()  # re-applying thresholds below rewrites their counts, never their fingerprints
     reselected = 0
     if saved is not None and not force:
         check_compatible(saved, config, out.root)
-        if out.done_records() and saved.to_dict() != config.to_dict():
+        if done and saved.to_dict() != config.to_dict():
             # Only thresholds differ: re-apply them to the completed shards from their manifests.
             reselected = reselect(out, config)
     out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     remember_inputs(out, [s.url for s in shards])
     fingerprint = config.fingerprint()
-    done = out.done_records()
     pending = [s for s in shards if force or done.get(s.stem, {}).get("fingerprint") != fingerprint]
     for shard in pending:  # a stale record must not vouch for outputs that are about to be replaced
         out.delete(out.done_name(shard.stem))

@@ -488,6 +488,23 @@ def test_an_edited_done_record_cannot_point_select_outside(ray_cluster, tmp_path
     outside.assert_unchanged()
 
 
+def test_a_record_that_is_a_link_or_not_json_counts_as_not_done(tmp_path):
+    """Completion records are read without following links; one that is a link, torn or not an object makes
+    its shard count as not done (the next run redoes it), and the others still count."""
+    state = tmp_path / "out" / "_state"
+    state.mkdir(parents=True)
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"total": 1}))
+    (state / "good.done.json").write_text(json.dumps({"total": 2}))
+    (state / "torn.done.json").write_text('{"total": ')
+    (state / "list.done.json").write_text("[1, 2]")
+    (state / "linked.done.json").symlink_to(secret)
+    assert OutputDir(tmp_path / "out").done_records() == {"good": {"total": 2, "stem": "good"}}
+    store = OutputDir(tmp_path / "out").store
+    assert store.read_many(["_state/good.done.json", "_state/linked.done.json", "_state/gone.done.json"]) == [
+        json.dumps({"total": 2}).encode(), None, None]
+
+
 # --------------------------------------------------------------------------------------------- 5. FIFO as a shard
 
 def test_a_fifo_named_like_a_shard_is_not_a_shard(ray_cluster, tmp_path):

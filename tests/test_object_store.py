@@ -335,3 +335,23 @@ def test_aborted_shard_upload_leaves_nothing(s3):
     writer.file.write(os.urandom(20 * 2**20))  # more than one upload part
     writer.abort()
     assert not s3.exists(f"{BUCKET}/aborted/shards/x.tar") and open_uploads(s3) == []
+
+
+def test_completion_records_are_read_whole_and_literally_from_s3(s3):
+    """Every record is read (several at once), each under its own name, even one holding glob characters; a
+    record that is not JSON counts as not done."""
+    from pipeline.outputs import OutputDir
+    from pipeline.storage import READS_IN_FLIGHT
+
+    prefix = f"{BUCKET}/records"
+    stems = [f"shard-{i:04d}" for i in range(READS_IN_FLIGHT + 8)] + ["glob[1]", "star*", "what?"]
+    s3.pipe({f"{prefix}/_state/{stem}.done.json": json.dumps({"total": index}).encode()
+             for index, stem in enumerate(stems)})
+    s3.pipe_file(f"{prefix}/_state/torn.done.json", b'{"total": ')
+    out = OutputDir(f"s3://{prefix}")
+    records = out.done_records()
+    assert sorted(records) == sorted(stems)
+    assert all(records[stem] == {"total": index, "stem": stem} for index, stem in enumerate(stems))
+    names = ["_state/glob[1].done.json", "_state/missing.done.json", "_state/star*.done.json"]
+    assert out.store.read_many(names) == [b'{"total": %d}' % stems.index("glob[1]"), None,
+                                          b'{"total": %d}' % stems.index("star*")]

@@ -1,0 +1,163 @@
+"""What a run on an output in an object store pays before it curates anything: reading every completion record.
+
+    .venv/bin/python bench/object_store.py [--records 1000] [--latency-ms 0 15]
+
+A run (and ``stats``, ``select``, the end-of-run statistics) reads the completion record of every shard in the
+output to know which shards are done. Here the object store is moto's S3 server on 127.0.0.1, reached through a
+small TCP relay in this process that holds the bytes for ``--latency-ms`` in each direction (so a
+request's round trip takes twice that, as from a worker to a storage service in another zone). For each number
+of records and each latency, measured back to back:
+
+* listing the ``_state`` prefix alone;
+* listing, then reading the records one after another (how records were read before, the baseline), and the
+  time each of those reads took (moto's own time plus the relay's, which holds a request and its answer);
+* ``OutputDir.done_records()``: listing, then ``READS_IN_FLIGHT`` reads at once.
+
+moto answers requests on this machine's own cores, so with no latency added both ways are bound by moto's CPU and
+take about as long; the added latency is what a real object store has and moto lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BUCKET = "vlcurate-bench"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(port: int, process: subprocess.Popen) -> None:
+    deadline = time.time() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            if time.time() > deadline or process.poll() is not None:
+                sys.exit(f"moto's server did not start on port {port} (pip install 'moto[server]')")
+            time.sleep(0.1)
+
+
+class LatencyRelay:
+    """Forwards TCP connections from its own port to ``target_port``, holding the bytes ``delay`` seconds in each
+    direction; the delay is read per chunk, so it can change between measurements."""
+
+    def __init__(self, target_port: int):
+        self.target_port, self.port, self.delay = target_port, free_port(), 0.0
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result()
+
+    async def _start(self) -> None:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+
+    async def _relay(self, client_reader, client_writer) -> None:
+        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        await asyncio.gather(self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer))
+
+    async def _pipe(self, reader, writer) -> None:
+        """Each chunk goes on ``delay`` after it arrived, in order: chunks in a row wait once, not once each."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def forward() -> None:
+            try:
+                while (item := await queue.get()) is not None:
+                    due, data = item
+                    if due > loop.time():
+                        await asyncio.sleep(due - loop.time())
+                    writer.write(data)
+                    await writer.drain()
+            except ConnectionError:
+                pass
+            finally:
+                writer.close()
+
+        sender = asyncio.create_task(forward())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((loop.time() + self.delay, data))
+        except ConnectionError:
+            pass
+        finally:
+            queue.put_nowait(None)
+            await sender
+
+
+def print_table(rows: list[tuple]) -> None:
+    header = ("records", "latency ms (each way)", "listing s", "listing + one read after another s",
+              "ms per read", "done_records() s", "speed-up")
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    print("| " + " | ".join(str(h).rjust(w) for h, w in zip(header, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print("| " + " | ".join(str(c).rjust(w) for c, w in zip(row, widths)) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, nargs="+", default=[1000])
+    parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 15.0])
+    args = parser.parse_args()
+    moto_port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(moto_port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(moto_port, server)
+        relay = LatencyRelay(moto_port)
+        os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{relay.port}", "AWS_ACCESS_KEY_ID": "bench",
+                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+        import s3fs
+
+        from pipeline.outputs import OutputDir
+        from pipeline.storage import READS_IN_FLIGHT
+
+        fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+        fs.mkdir(BUCKET)
+        rows = []
+        for count in args.records:
+            prefix = f"{BUCKET}/out-{count}"
+            record = {"stem": "", "total": 250, "kept": 200, "fingerprint": "0" * 16}
+            fs.pipe({f"{prefix}/_state/shard-{i:07d}.done.json": json.dumps({**record, "stem": f"shard-{i:07d}"})
+                     .encode() for i in range(count)})
+            out = OutputDir(f"s3://{prefix}")
+            for latency in args.latency_ms:
+                relay.delay = latency / 1000
+                started = time.perf_counter()
+                names = out.store.list_names("_state", ".done.json")
+                listed = time.perf_counter()
+                one_by_one = [json.loads(out.store.read_bytes(f"_state/{name}")) for name in names]
+                read_one_by_one = time.perf_counter()
+                records = out.done_records()
+                read_at_once = time.perf_counter()
+                assert len(one_by_one) == len(records) == count, "records went missing"
+                baseline, new = read_one_by_one - started, read_at_once - read_one_by_one
+                per_read = 1000 * (read_one_by_one - listed) / count
+                rows.append((count, f"{latency:g}", f"{listed - started:.2f}", f"{baseline:.2f}", f"{per_read:.0f}",
+                             f"{new:.2f}", f"{baseline / new:.1f}x"))
+        print(f"Completion records read from moto's S3 server through a latency relay ({READS_IN_FLIGHT} reads in "
+              "flight for done_records()):")
+        print_table(rows)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
