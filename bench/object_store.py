@@ -1,6 +1,7 @@
-"""What a run on an output in an object store pays before it curates anything: reading every completion record.
+"""What a run on an output in an object store pays before it curates anything: reading every completion record,
+and clearing what earlier attempts left of the shards it is about to curate.
 
-    .venv/bin/python bench/object_store.py [--records 1000] [--latency-ms 0 15]
+    .venv/bin/python bench/object_store.py [--records 1000] [--pending 300] [--latency-ms 0 15]
 
 A run (and ``stats``, ``select``, the end-of-run statistics) reads the completion record of every shard in the
 output to know which shards are done. Here the object store is moto's S3 server on 127.0.0.1, reached through a
@@ -11,7 +12,12 @@ of records and each latency, measured back to back:
 * listing the ``_state`` prefix alone;
 * listing, then reading the records one after another (how records were read before, the baseline), and the
   time each of those reads took (moto's own time plus the relay's, which holds a request and its answer);
-* ``OutputDir.done_records()``: listing, then ``READS_IN_FLIGHT`` reads at once.
+* ``OutputDir.done_records()``: listing, then ``READS_IN_FLIGHT`` reads at once;
+
+and for ``--pending`` shards about to be curated into a fresh prefix (no record, no work in progress):
+
+* a delete of the record and of the work in progress for each shard (how it was done before, the baseline);
+* ``pipeline.run.forget_pending``: one listing of the shards with work in progress, then only what exists.
 
 moto answers requests on this machine's own cores, so with no latency added both ways are bound by moto's CPU and
 take about as long; the added latency is what a real object store has and moto lacks.
@@ -113,6 +119,7 @@ def print_table(rows: list[tuple]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, nargs="+", default=[1000])
+    parser.add_argument("--pending", type=int, default=300)
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 15.0])
     args = parser.parse_args()
     moto_port = free_port()
@@ -126,6 +133,8 @@ def main() -> None:
         import s3fs
 
         from pipeline.outputs import OutputDir
+        from pipeline.run import forget_pending
+        from pipeline.shards import Shard
         from pipeline.storage import READS_IN_FLIGHT
 
         fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
@@ -154,6 +163,20 @@ def main() -> None:
         print(f"Completion records read from moto's S3 server through a latency relay ({READS_IN_FLIGHT} reads in "
               "flight for done_records()):")
         print_table(rows)
+        out = OutputDir(f"s3://{BUCKET}/fresh")
+        pending = [Shard(f"/in/shard-{i:07d}.tar", f"shard-{i:07d}") for i in range(args.pending)]
+        print(f"\nBefore curating {args.pending} shards into a fresh prefix:")
+        print("| latency ms (each way) | two deletes per shard s | forget_pending s |")
+        print("|-----------------------|-------------------------|------------------|")
+        for latency in args.latency_ms:
+            relay.delay = latency / 1000
+            started = time.perf_counter()
+            for shard in pending:
+                out.delete(out.done_name(shard.stem))
+                out.clear_parts(shard.stem)
+            one_by_one = time.perf_counter()
+            forget_pending(out, pending, out.done_records())
+            print(f"| {latency:>21g} | {one_by_one - started:>23.2f} | {time.perf_counter() - one_by_one:>16.2f} |")
     finally:
         server.terminate()
         server.wait(timeout=10)

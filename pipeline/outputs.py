@@ -123,6 +123,10 @@ class OutputDir:
     def remove_empty_parts_folder(self) -> None:
         self.store.remove_empty_folder(PARTS)  # only when empty: parts of shards in flight elsewhere stay
 
+    def stems_with_parts(self) -> set[str]:
+        """The shards with work in progress (one listing, whatever the number of shards)."""
+        return set(self.store.list_folders(PARTS))
+
     def clear_parts(self, stem: str) -> None:
         """Remove a shard's work in progress (an earlier attempt's parts must never be joined with new ones)."""
         self.store.delete_folder(self.parts_name(stem))

@@ -183,9 +183,7 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
     remember_inputs(out, [s.url for s in shards])
     fingerprint = config.fingerprint()
     pending = [s for s in shards if force or done.get(s.stem, {}).get("fingerprint") != fingerprint]
-    for shard in pending:  # a stale record must not vouch for outputs that are about to be replaced
-        out.delete(out.done_name(shard.stem))
-        out.clear_parts(shard.stem)
+    forget_pending(out, pending, done)
     ray_started = time.perf_counter()
     if pending:
         init_ray(address)
@@ -210,6 +208,19 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
                      seconds=seconds, samples_processed=sum(s["total"] or 0 for s in committed),
                      reselected=reselected, ray_start_seconds=started - ray_started)
+
+
+def forget_pending(out: OutputDir, pending: list, done: dict[str, dict]) -> None:
+    """Before shards are curated (again): a stale completion record must not vouch for outputs about to be
+    replaced, and an earlier attempt's parts must never be joined with new ones. Only what exists is removed,
+    found with one listing, so that a first run over 100,000 shards into an object store does not send a
+    request or two per shard before it starts."""
+    with_parts = out.stems_with_parts()
+    for shard in pending:
+        if shard.stem in done:
+            out.delete(out.done_name(shard.stem))
+        if shard.stem in with_parts:
+            out.clear_parts(shard.stem)
 
 
 def cluster_gpus(config: CurationConfig) -> float:

@@ -306,8 +306,7 @@ def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[di
         for source, stem in shards:
             shard = ShardInFlight(source, stem)
             in_flight.append(shard)
-            try:
-                out.clear_parts(stem)
+            try:  # a rule task writes no parts; those of earlier attempts went before the run (forget_pending)
                 shard.writer = ShardWriter(out, stem, source)
                 for read in read_batches(source, ctx.read, timer):
                     while read.num_rows and shard.result is None:

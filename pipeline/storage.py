@@ -105,6 +105,13 @@ class LocalStorage:
         return sorted(entry.name for entry in os.scandir(path)
                       if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False))
 
+    def list_folders(self, folder: str) -> list[str]:
+        """Names of the folders directly in ``folder``, sorted (links are skipped)."""
+        path = self.root / folder
+        if not path.is_dir() or path.is_symlink():
+            return []
+        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False))
+
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
 
@@ -250,6 +257,15 @@ class ObjectStorage:
             return []
         names = [entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file"]
         return sorted(name for name in names if name.endswith(suffix))
+
+    def list_folders(self, folder: str) -> list[str]:
+        """Names of the common prefixes directly under ``folder`` (the store's folders), sorted."""
+        try:
+            entries = self.fs.ls(self._key(folder), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
+                      if entry.get("type") == "directory")
 
     def delete(self, name: str) -> None:
         try:

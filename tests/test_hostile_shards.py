@@ -505,6 +505,30 @@ def test_a_record_that_is_a_link_or_not_json_counts_as_not_done(tmp_path):
         json.dumps({"total": 2}).encode(), None, None]
 
 
+def test_before_a_run_only_stale_records_and_existing_parts_are_removed(tmp_path):
+    """Locally too: one listing finds the shards with work in progress; links are neither followed nor removed."""
+    from pipeline.run import forget_pending
+    from pipeline.shards import Shard
+
+    out_path = tmp_path / "out"
+    for stem in ("stale", "new", "other"):
+        (out_path / "_state" / "parts" / stem).mkdir(parents=True)
+        (out_path / "_state" / "parts" / stem / "0000000000.tar").write_bytes(b"part")
+    for stem in ("kept", "stale"):
+        (out_path / "_state" / f"{stem}.done.json").write_text("{}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("not ours")
+    (out_path / "_state" / "parts" / "linked").symlink_to(elsewhere)
+    out = OutputDir(out_path)
+    assert out.stems_with_parts() == {"stale", "new", "other"}
+    forget_pending(out, [Shard(f"/in/{stem}.tar", stem) for stem in ("stale", "new", "linked", "fresh")],
+                   out.done_records())
+    left = sorted(str(p.relative_to(out_path)) for p in out_path.rglob("*") if p.is_file() or p.is_symlink())
+    assert left == ["_state/kept.done.json", "_state/parts/linked", "_state/parts/other/0000000000.tar"]
+    assert (elsewhere / "keep.txt").read_text() == "not ours"
+
+
 # --------------------------------------------------------------------------------------------- 5. FIFO as a shard
 
 def test_a_fifo_named_like_a_shard_is_not_a_shard(ray_cluster, tmp_path):

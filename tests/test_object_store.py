@@ -355,3 +355,20 @@ def test_completion_records_are_read_whole_and_literally_from_s3(s3):
     names = ["_state/glob[1].done.json", "_state/missing.done.json", "_state/star*.done.json"]
     assert out.store.read_many(names) == [b'{"total": %d}' % stems.index("glob[1]"), None,
                                           b'{"total": %d}' % stems.index("star*")]
+
+
+def test_before_a_run_only_stale_records_and_existing_parts_are_removed_in_s3(s3):
+    """The work in progress of a shard about to be curated is found with one listing of the store's folders; a
+    record of another configuration goes, and nothing of the shards left alone is touched."""
+    from pipeline.outputs import OutputDir
+    from pipeline.run import forget_pending
+    from pipeline.shards import Shard
+
+    prefix = f"{BUCKET}/forget"
+    s3.pipe({f"{prefix}/_state/{stem}.done.json": b"{}" for stem in ("kept", "stale")})
+    s3.pipe({f"{prefix}/_state/parts/{stem}/0000000000.tar": b"part" for stem in ("stale", "new", "other")})
+    out = OutputDir(f"s3://{prefix}")
+    assert out.stems_with_parts() == {"stale", "new", "other"}
+    forget_pending(out, [Shard(f"/in/{stem}.tar", stem) for stem in ("stale", "new", "fresh")], out.done_records())
+    assert sorted(s3.find(prefix)) == [f"{prefix}/_state/kept.done.json",
+                                       f"{prefix}/_state/parts/other/0000000000.tar"]
