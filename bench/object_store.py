@@ -1,7 +1,8 @@
-"""What a run on an output in an object store pays before it curates anything: reading every completion record,
-and clearing what earlier attempts left of the shards it is about to curate.
+"""What a run on an output in an object store pays outside curating: reading every completion record, clearing
+what earlier attempts left of the shards it is about to curate, and reading every manifest when the selection is
+made over the whole output (``select``, and at the end of a run with dedup or ``top_fraction``).
 
-    .venv/bin/python bench/object_store.py [--records 1000] [--pending 300] [--latency-ms 0 15]
+    .venv/bin/python bench/object_store.py [--records 1000] [--pending 300] [--manifests 300] [--latency-ms 0 15]
 
 A run (and ``stats``, ``select``, the end-of-run statistics) reads the completion record of every shard in the
 output to know which shards are done. Here the object store is moto's S3 server on 127.0.0.1, reached through a
@@ -17,7 +18,12 @@ of records and each latency, measured back to back:
 and for ``--pending`` shards about to be curated into a fresh prefix (no record, no work in progress):
 
 * a delete of the record and of the work in progress for each shard (how it was done before, the baseline);
-* ``pipeline.run.forget_pending``: one listing of the shards with work in progress, then only what exists.
+* ``pipeline.run.forget_pending``: one listing of the shards with work in progress, then only what exists;
+
+and for ``--manifests`` manifests of 250 rows:
+
+* reading them one after another (the baseline), and with ``pipeline.storage.read_ahead`` (the next
+  ``SHARDS_READ_AHEAD`` read while one is worked on), as the selection does.
 
 moto answers requests on this machine's own cores, so with no latency added both ways are bound by moto's CPU and
 take about as long; the added latency is what a real object store has and moto lacks.
@@ -116,10 +122,34 @@ def print_table(rows: list[tuple]) -> None:
         print("| " + " | ".join(str(c).rjust(w) for c, w in zip(row, widths)) + " |")
 
 
+def manifest_like() -> bytes:
+    """The Parquet bytes of a 250-row manifest with a caption, scores and a verdict (random, so it compresses like
+    a real one)."""
+    import random
+
+    import pyarrow as pa
+
+    from pipeline.outputs import manifest_bytes
+
+    rng = random.Random(0)
+    words = ["a", "dog", "runs", "on", "the", "beach", "red", "car", "street", "two", "people", "sitting", "bench"]
+    rows = 250
+    return manifest_bytes(pa.table({
+        "key": [f"{rng.getrandbits(48):012x}" for _ in range(rows)],
+        "position": pa.array(range(rows), pa.int32()),
+        "caption": [" ".join(rng.choices(words, k=rng.randint(5, 15))) for _ in range(rows)],
+        "clip_score": pa.array([rng.random() for _ in range(rows)], pa.float32()),
+        "image_width": pa.array([rng.randint(200, 2000) for _ in range(rows)], pa.int32()),
+        "kept": [rng.random() < 0.7 for _ in range(rows)],
+        "drop_reason": [None if rng.random() < 0.7 else "clip_score:below_threshold" for _ in range(rows)],
+    }))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, nargs="+", default=[1000])
     parser.add_argument("--pending", type=int, default=300)
+    parser.add_argument("--manifests", type=int, default=300)
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 15.0])
     args = parser.parse_args()
     moto_port = free_port()
@@ -135,7 +165,7 @@ def main() -> None:
         from pipeline.outputs import OutputDir
         from pipeline.run import forget_pending
         from pipeline.shards import Shard
-        from pipeline.storage import READS_IN_FLIGHT
+        from pipeline.storage import READS_IN_FLIGHT, SHARDS_READ_AHEAD, read_ahead
 
         fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
         fs.mkdir(BUCKET)
@@ -177,6 +207,23 @@ def main() -> None:
             one_by_one = time.perf_counter()
             forget_pending(out, pending, out.done_records())
             print(f"| {latency:>21g} | {one_by_one - started:>23.2f} | {time.perf_counter() - one_by_one:>16.2f} |")
+        out = OutputDir(f"s3://{BUCKET}/manifests")
+        stems = [f"shard-{i:07d}" for i in range(args.manifests)]
+        manifest = manifest_like()
+        fs.pipe({f"{BUCKET}/manifests/{out.manifest_name(stem)}": manifest for stem in stems})
+        print(f"\nReading {args.manifests} manifests of {len(manifest) / 1024:.0f} KiB "
+              f"({SHARDS_READ_AHEAD} read ahead):")
+        print("| latency ms (each way) | one after another s | read_ahead s | speed-up |")
+        print("|-----------------------|---------------------|--------------|----------|")
+        for latency in args.latency_ms:
+            relay.delay = latency / 1000
+            started = time.perf_counter()
+            rows = sum(out.read_manifest(stem).num_rows for stem in stems)
+            one_by_one = time.perf_counter()
+            assert rows == sum(table.num_rows for table in read_ahead(stems, out.read_manifest))
+            ahead = time.perf_counter() - one_by_one
+            print(f"| {latency:>21g} | {one_by_one - started:>19.2f} | {ahead:>12.2f} | "
+                  f"{(one_by_one - started) / ahead:>7.1f}x |")
     finally:
         server.terminate()
         server.wait(timeout=10)

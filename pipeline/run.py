@@ -24,6 +24,7 @@ from pipeline.outputs import (MANIFESTS, SHARDS, STATE, TMP_MARK, OutputDir, Par
                               write_shard_failure)
 from pipeline.raystart import init_ray
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
+from pipeline.storage import read_ahead
 
 CONFIG_FILE = "config.yaml"
 STATS_FILE = "stats.json"
@@ -379,8 +380,8 @@ def reselect(out: OutputDir, config: CurationConfig) -> int:
     stages = resolve_semantic_duplicates(out, resolve_duplicates(out, stages))
     names = stage_names(config)
     changed_shards = 0
-    for stem, record in out.done_records().items():
-        manifest = out.read_manifest(stem)
+    records = out.done_records()
+    for (stem, record), manifest in zip(records.items(), read_ahead(list(records), out.read_manifest)):
         updated = apply_verdicts(manifest, stages)
         if all(updated.column(c).equals(manifest.column(c)) for c in verdict_columns(stages)
                if c in manifest.column_names):

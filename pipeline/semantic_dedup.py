@@ -38,6 +38,7 @@ import pyarrow as pa
 from pipeline.curate import verdict_frame
 from pipeline.dedup import preference_order, preference_score, taking_part
 from pipeline.outputs import OutputDir, embeddings_name
+from pipeline.storage import read_ahead
 from stages.base import Stage
 from stages.semantic_dedup import VERDICT_COLUMNS, ResolvedSemanticDedupStage, SemanticDedupStage
 
@@ -70,16 +71,17 @@ def embedded_stems(out: OutputDir) -> list[str]:
 def shard_candidates(out: OutputDir, stems: list[str], passes: pl.Expr, prefer: str) -> tuple[pl.DataFrame, np.ndarray]:
     """The samples of ``stems`` that ``passes`` and have a finite embedding, in canonical order, and their
     embeddings as saved (not normalised)."""
-    frames, vectors = [], []
-    for stem in stems:
+    def read(stem: str) -> tuple[np.ndarray, pl.DataFrame] | None:
         if not out.is_file(out.manifest_name(stem)):
-            continue
+            return None
         embeddings = read_embeddings(out, stem)
-        if embeddings is None:
+        return None if embeddings is None else (embeddings, verdict_frame(out.read_manifest(stem)))
+
+    frames, vectors = [], []
+    for stem, found in zip(stems, read_ahead(stems, read)):
+        if found is None or found[1].height == 0:
             continue
-        manifest = verdict_frame(out.read_manifest(stem))
-        if manifest.height == 0:
-            continue
+        embeddings, manifest = found
         chosen = manifest.filter(passes).select(pl.lit(stem).alias("stem"), "shard", pl.col("position").cast(pl.Int64),
                                                 "key", preference_score(manifest.schema, prefer))
         rows = embeddings[chosen["position"].to_numpy()]

@@ -16,17 +16,23 @@ endpoint come from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``,
 
 from __future__ import annotations
 
+import collections
+import itertools
 import os
 import re
 import stat
 import uuid
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Callable, Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 TMP_MARK = ".tmp-"
 TEMPORARY_NAME = re.compile(r".+" + re.escape(TMP_MARK) + r"[0-9a-f]{12}")
 UPLOAD_PART_BYTES = 16 * 2**20  # an object being written holds at most this much in memory before it uploads a part
 READS_IN_FLIGHT = 32  # small objects read at once from an object store (completion records at the start of a run)
+SHARDS_READ_AHEAD = 8  # per-shard files (manifests, embeddings) read ahead of the shard being worked on
 
 
 def is_remote(location: str | os.PathLike) -> bool:
@@ -174,6 +180,22 @@ class LocalWriter:
         if not self.file.closed:
             self.file.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def read_ahead(items: Iterable[T], read: Callable[[T], R], ahead: int = SHARDS_READ_AHEAD) -> Iterator[R]:
+    """``read(item)`` for each item, in order, with the reads of the next ``ahead`` items running meanwhile on
+    threads (at most ``ahead`` results held). A pass over every shard's manifest thus waits for an object
+    store's answer once, not once per shard. A read that raises raises here, when its turn comes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pending = iter(items)
+    with ThreadPoolExecutor(max_workers=ahead, thread_name_prefix="vlcurate-read-ahead") as pool:
+        running = collections.deque(pool.submit(read, item) for item in itertools.islice(pending, ahead))
+        while running:
+            result = running.popleft().result()
+            for item in itertools.islice(pending, 1):
+                running.append(pool.submit(read, item))
+            yield result
 
 
 def _read_or_none(read, name: str) -> bytes | None:

@@ -4,6 +4,7 @@ the tar writer and reader agree with the standard library's."""
 import io
 import json
 import tarfile
+import time
 
 import polars as pl
 import pytest
@@ -256,3 +257,31 @@ def test_model_recipe_workers_hand_freed_buffers_back_to_the_system():
     if printed == "no glibc":
         pytest.skip("the mmap threshold is glibc's")
     assert printed == "True system"  # a 1 MiB block is mapped (returned when freed); Arrow uses the system allocator
+
+
+def test_read_ahead_keeps_the_order_bounds_the_reads_in_flight_and_raises_in_turn():
+    """Per-shard files are read a few shards ahead, on threads: results come in the items' order, a slow consumer
+    never has more than ``ahead`` reads started beyond what it took, and a failed read raises when its turn
+    comes, after the ones before it."""
+    import threading
+
+    from pipeline.storage import read_ahead
+
+    lock, started = threading.Lock(), [0]
+
+    def read(item: int) -> int:
+        with lock:
+            started[0] += 1
+        time.sleep(0.01 * (item % 3))  # later items often finish first
+        if item == 17:
+            raise OSError("item 17 is unreadable")
+        return item * item
+
+    results = read_ahead(range(25), read, ahead=4)
+    for taken in range(17):
+        assert next(results) == taken * taken
+        time.sleep(0.02)  # a slow consumer: the reads must wait for it
+        assert started[0] <= taken + 1 + 4
+    with pytest.raises(OSError, match="item 17"):
+        next(results)
+    assert list(read_ahead([], read)) == []
