@@ -253,13 +253,7 @@ class ObjectStorage:
         """Each object's bytes, in order; None where it cannot be read. Up to ``READS_IN_FLIGHT`` requests are
         in flight at once: one after another, the completion records of 100,000 shards would take an hour at a
         typical 30 ms per request. (Not ``fs.cat`` of a list: it expands names holding glob characters.)"""
-        if len(names) < 2:
-            return [_read_or_none(self.read_bytes, name) for name in names]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(READS_IN_FLIGHT, len(names)),
-                                thread_name_prefix="vlcurate-read") as pool:
-            return list(pool.map(lambda name: _read_or_none(self.read_bytes, name), names))
+        return list(read_ahead(names, lambda name: _read_or_none(self.read_bytes, name), READS_IN_FLIGHT))
 
     def open_input(self, name: str):
         import pyarrow as pa
