@@ -203,7 +203,9 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
     out.remove_empty_parts_folder()
     if committed and any(getattr(s.params, "top_fraction", 0) or s.stage_class.decided_at_selection
                          for s in config.enabled_stages):
-        reselect(out, config)  # top fractions and duplicates are decided over the whole output: new shards move them
+        # Top fractions and duplicates are decided over the whole output: new shards move them. The run's Ray
+        # workers have just written these shards, so Ray tasks judge and rewrite them (with duplicates, most).
+        reselect(out, config, on_ray=True)
     stats = write_stats(out, config)
     failed = [s for s in committed if s["error"] is not None]
     return RunResult(stats=stats, processed=len(pending), skipped=len(shards) - len(pending), failed=failed,
@@ -370,27 +372,72 @@ def select_thresholds(output: str, overrides: list[str]) -> dict:
     return stats
 
 
-def reselect(out: OutputDir, config: CurationConfig) -> int:
+def reselect(out: OutputDir, config: CurationConfig, on_ray: bool = False) -> int:
     """Recompute verdicts of every completed shard with ``config``'s thresholds; rewrite the shards that change.
-    Returns how many shards changed. The saved config is updated last."""
+    Returns how many shards changed. What depends on every shard (top fractions, duplicates) is decided here;
+    the shards are then judged and rewritten here, one after another, or with ``on_ray`` in Ray tasks (whose
+    workers must reach the output and the input shards, as a run's do). The saved config is updated last."""
     from pipeline.dedup import resolve_duplicates
     from pipeline.semantic_dedup import resolve_semantic_duplicates
 
     stages = resolve_top_fractions(out, [s.build() for s in config.enabled_stages])
     stages = resolve_semantic_duplicates(out, resolve_duplicates(out, stages))
     names = stage_names(config)
+    records = list(out.done_records().items())
+    if on_ray and len(records) > 1:
+        changed_shards = _reselect_on_ray(out, records, stages, names, config.read)
+    else:
+        changed_shards = reselect_shards(str(out.root), records, stages, names, config.read)
+    out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    return changed_shards
+
+
+def reselect_shards(out_root: str, records: list[tuple[str, dict]], stages: list, names: list[str],
+                    read: ReadParams) -> int:
+    """Judge completed shards (stem, completion record) again with resolved ``stages``; rewrite those whose
+    verdicts change (tar from the input shard, manifest, then the record). Returns how many changed."""
+    out = OutputDir(out_root)
     changed_shards = 0
-    records = out.done_records()
-    for (stem, record), manifest in zip(records.items(), read_ahead(list(records), out.read_manifest)):
+    stems = [stem for stem, _ in records]
+    for (stem, record), manifest in zip(records, read_ahead(stems, out.read_manifest)):
         updated = apply_verdicts(manifest, stages)
         if all(updated.column(c).equals(manifest.column(c)) for c in verdict_columns(stages)
                if c in manifest.column_names):
             continue
         changed_shards += 1
-        _rewrite_shard(out, stem, record["source"], updated, config.read)
+        _rewrite_shard(out, stem, record["source"], updated, read)
         out.write_bytes(out.manifest_name(stem), manifest_bytes(updated))
         out.write_json(out.done_name(stem), {**record, **shard_stats(updated.column("drop_reason").to_pylist(), names)})
-    out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+    return changed_shards
+
+
+def _reselect_on_ray(out: OutputDir, records: list[tuple[str, dict]], stages: list, names: list[str],
+                     read: ReadParams) -> int:
+    """``reselect_shards`` on groups of consecutive shards, one Ray task each; each task carries only its own
+    shards' share of the verdicts decided over the whole output. Every task has ended when this returns or
+    raises (none may write once the output's lease is let go); a task's error is raised as it was raised."""
+    import ray
+
+    from pipeline.plan import TASK_RETRIES, TASKS_PER_CPU
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    size = -(-len(records) // min(len(records), TASKS_PER_CPU * cpus))
+    task = ray.remote(reselect_shards).options(num_cpus=1, max_retries=TASK_RETRIES)
+    running = []
+    for start in range(0, len(records), size):
+        group = records[start:start + size]
+        sources = {record["source"] for _, record in group}
+        running.append(task.remote(str(out.root), group, [s.for_shards(sources) for s in stages], names, read))
+    changed_shards, failure = 0, None
+    for ref in running:
+        try:
+            changed_shards += ray.get(ref)
+        except ray.exceptions.RayError as exc:
+            failure = failure or exc
+    if isinstance(failure, ray.exceptions.RayTaskError) and isinstance(failure.cause, Exception):
+        raise failure.cause from None
+    if failure is not None:
+        raise failure
     return changed_shards
 
 

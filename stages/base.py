@@ -109,6 +109,20 @@ class Stage:
         self.params = params
         self.resources = self.Resources()  # a recipe's resources are set by ``StageSpec.build``
 
+    def __reduce__(self):
+        """A stage travels to another process as its settings and is built again there: loaded models and
+        compiled helpers are never pickled (building loads what the stage needs)."""
+        return (rebuilt_stage, (type(self), self.rebuild_args(), self.resources))
+
+    def rebuild_args(self) -> tuple:
+        """What the constructor takes to build this stage again."""
+        return (self.params,)
+
+    def for_shards(self, sources: set[str]) -> "Stage":
+        """This stage as a task working on the shards read from ``sources`` needs it: itself, unless it holds
+        verdicts decided over the whole output (then only those of these shards)."""
+        return self
+
     def load(self) -> Any:
         """Load models or other heavy resources (model stages load once per actor); nothing by default."""
         return None
@@ -142,6 +156,34 @@ class Stage:
         are not parameters)."""
         skip = cls.thresholds | {"enabled"}
         return {k: v for k, v in dataclasses.asdict(params).items() if k not in skip}
+
+
+def rebuilt_stage(cls: type[Stage], args: tuple, resources: StageResources) -> Stage:
+    stage = cls(*args)
+    stage.resources = resources
+    return stage
+
+
+class ResolvedOverOutput:
+    """Mixin for a stage once the whole output has been searched (duplicates): per input shard (its source), the
+    rows (``position`` and ``selection_verdicts``) that it decided; ``selection_columns`` fills them in that
+    shard's manifest, every other row gets nulls."""
+
+    selection_verdicts: ClassVar[dict[str, pa.DataType]] = {}
+
+    def __init__(self, params: StageParams, duplicates: dict[str, pa.Table]):
+        super().__init__(params)
+        self.duplicates = duplicates
+
+    def selection_columns(self, table: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
+        return shard_verdicts(table, self.duplicates, self.selection_verdicts)
+
+    def rebuild_args(self) -> tuple:
+        return (self.params, self.duplicates)
+
+    def for_shards(self, sources: set[str]) -> Stage:
+        chosen = {source: rows for source, rows in self.duplicates.items() if source in sources}
+        return rebuilt_stage(type(self), (self.params, chosen), self.resources)
 
 
 def first_reason(*cases: tuple[pl.Expr, str]) -> pl.Expr:

@@ -76,7 +76,7 @@ import pyarrow as pa
 from PIL import Image
 
 from models.imaging import DEFAULT_MAX_PIXELS, open_bounded
-from stages.base import SampleBatch, Stage, StageParams, error_text, shard_verdicts
+from stages.base import ResolvedOverOutput, SampleBatch, Stage, StageParams, error_text
 
 HASH_SIDE = 32  # the planes the DCT is taken of are reduced to this side
 LUMA_BLOCK = 8  # the top-left block of luma DCT coefficients the pHash reads (63 AC coefficients)
@@ -455,18 +455,13 @@ class DedupStage(Stage):
         return None
 
 
-class ResolvedDedupStage(DedupStage):
+class ResolvedDedupStage(ResolvedOverOutput, DedupStage):
     """The dedup stage once the whole output has been searched: it holds, per input shard, the samples that
-    duplicate a kept one or an evaluation image, fills the verdict columns of that shard's manifest and drops
-    those samples (``dedup:exact_duplicate``, ``dedup:near_duplicate``, ``dedup:crop_duplicate`` or
-    ``dedup:evaluation_duplicate``)."""
+    duplicate a kept one or an evaluation image (``duplicates``: shard source -> position + VERDICT_COLUMNS),
+    fills the verdict columns of that shard's manifest and drops those samples (``dedup:exact_duplicate``,
+    ``dedup:near_duplicate``, ``dedup:crop_duplicate`` or ``dedup:evaluation_duplicate``)."""
 
-    def __init__(self, params: DedupParams, duplicates: dict[str, pa.Table]):
-        super().__init__(params)
-        self.duplicates = duplicates  # shard source -> position + VERDICT_COLUMNS of its duplicate samples
-
-    def selection_columns(self, table: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
-        return shard_verdicts(table, self.duplicates, VERDICT_COLUMNS)
+    selection_verdicts = VERDICT_COLUMNS
 
     def reject_reason(self) -> pl.Expr:
         return pl.when(pl.col("dedup_duplicate_of").is_not_null()).then(

@@ -16,7 +16,7 @@ import dataclasses
 import polars as pl
 import pyarrow as pa
 
-from stages.base import SampleBatch, Stage, StageParams, shard_verdicts
+from stages.base import ResolvedOverOutput, SampleBatch, Stage, StageParams
 
 EMBEDDING_COLUMN = "clip_image_embedding"  # written by clip_score with save_embeddings; saved beside the manifest
 
@@ -61,16 +61,12 @@ class SemanticDedupStage(Stage):
         return None  # decided over the whole output at selection time (``ResolvedSemanticDedupStage``)
 
 
-class ResolvedSemanticDedupStage(SemanticDedupStage):
+class ResolvedSemanticDedupStage(ResolvedOverOutput, SemanticDedupStage):
     """The stage once the whole output has been clustered: per input shard, the samples that duplicate a kept
-    one, with the kept sample (``STEM/KEY``), their similarity and cluster."""
+    one, with the kept sample (``STEM/KEY``), their similarity and cluster (``duplicates``: shard source ->
+    position + VERDICT_COLUMNS)."""
 
-    def __init__(self, params: SemanticDedupParams, duplicates: dict[str, pa.Table]):
-        super().__init__(params)
-        self.duplicates = duplicates  # shard source -> position + VERDICT_COLUMNS
-
-    def selection_columns(self, table: pa.Table) -> dict[str, pa.ChunkedArray | pa.Array]:
-        return shard_verdicts(table, self.duplicates, VERDICT_COLUMNS)
+    selection_verdicts = VERDICT_COLUMNS
 
     def reject_reason(self) -> pl.Expr:
         return pl.when(pl.col("semantic_duplicate_of").is_not_null()).then(pl.lit("semantic_duplicate"))

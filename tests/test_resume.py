@@ -138,6 +138,37 @@ def test_rerun_with_changed_thresholds_reselects_without_recomputing(ray_cluster
     assert looser.stats["kept"] > first.stats["kept"] and looser.stats["total"] == first.stats["total"]
 
 
+def test_selection_in_ray_tasks_equals_selection_in_this_process(ray_cluster, tmp_path, monkeypatch):
+    """The selection over the whole output (here: duplicates across shards, a looser threshold) writes the same
+    bytes whether Ray tasks judge and rewrite the shards (as at the end of a run) or this process does, one after
+    another (as select does); an input shard that changed since it was curated stops either with its reason."""
+    import pipeline.run as run
+    from pipeline.outputs import OutputDir
+    from pipeline.run import load_saved_config, reselect, write_stats
+
+    inputs = make_inputs(tmp_path / "in", 6)  # the last two are copies of the first two: duplicates
+    on_ray, here = tmp_path / "on-ray", tmp_path / "here"
+    first = run_curation(load_config(QWEN, ["dedup.enabled=true"]), [str(inputs)], str(on_ray), progress=False)
+    assert 0 < first.stats["kept"] < first.stats["total"]
+    shutil.copytree(on_ray, here)
+    looser = load_saved_config(str(on_ray), ["image_size.min_side=100", "dedup.max_hamming=5"])
+    judged_here, judge = [], run.reselect_shards
+    monkeypatch.setattr(run, "reselect_shards", lambda *args: judged_here.append(len(args[1])) or judge(*args))
+    changed = {}
+    for flag, out in ((True, on_ray), (False, here)):
+        changed[flag] = reselect(OutputDir(out), looser, on_ray=flag)
+        write_stats(OutputDir(out), looser)
+    assert judged_here == [6]  # with on_ray, the shards were judged in other processes
+    assert changed[True] == changed[False] > 1
+    assert_same_outputs(on_ray, here)
+    shutil.copy(sorted(require(FLICKR).glob("*.tar"))[3], inputs / "part-00001.tar")  # other samples
+    stricter = load_saved_config(str(on_ray), ["image_size.min_side=50", "dedup.max_hamming=5"])
+    for flag, out in ((True, on_ray), (False, here)):
+        with pytest.raises(UsageError, match=r"^input shard .*part-00001.tar changed since it was curated: "
+                                             r"rerun with --force$"):
+            reselect(OutputDir(out), stricter, on_ray=flag)
+
+
 def test_bad_input_catalogue_each_case_has_its_own_reason(ray_cluster, tmp_path):
     good = flickr_members(require(FLICKR / "flickr8k-00003.tar"), 1)  # one real photo with caption and json
     photo = good[0][1]

@@ -50,6 +50,34 @@ def test_stage_declares_its_settings_and_fills_every_column_on_real_samples(kind
     assert all(row.get("error_stage") is None for row in rows), [row.get("error_message") for row in rows]
 
 
+@pytest.mark.parametrize("kind", sorted(STAGES))
+def test_stage_travels_to_a_ray_task_as_its_settings(kind, tiny_models):
+    """A stage pickles as its settings and resources and is built again on the other side (loaded models and
+    compiled helpers never travel), judging the same way."""
+    import pickle
+
+    spec = parse_config({"name": "travel", "stages": recipe_entries(kind, tiny_models)}, []).stages[-1]
+    stage = spec.build()
+    again = pickle.loads(pickle.dumps(stage))
+    assert type(again) is type(stage) and again is not stage
+    assert again.params == stage.params and again.resources == stage.resources
+    assert str(again.reject_reason()) == str(stage.reject_reason())
+
+
+def test_a_resolved_stage_sends_a_task_only_its_own_shards_verdicts():
+    from stages.dedup import DedupParams, ResolvedDedupStage
+
+    rows = {source: pa.table({"position": [0]}) for source in ("a.tar", "b.tar", "c.tar")}
+    stage = ResolvedDedupStage(DedupParams(), rows)
+    stage.resources = dataclasses.replace(stage.resources, num_cpus=0.5)
+    narrowed = stage.for_shards({"b.tar", "z.tar"})
+    assert type(narrowed) is ResolvedDedupStage and narrowed.resources.num_cpus == 0.5
+    assert list(narrowed.duplicates) == ["b.tar"] and list(stage.duplicates) == ["a.tar", "b.tar", "c.tar"]
+    import pickle
+
+    assert list(pickle.loads(pickle.dumps(narrowed)).duplicates) == ["b.tar"]
+
+
 class MisspeltStage(Stage):
     name = "misspelt"
     columns = {"misspelt_score": pa.float32()}
