@@ -426,7 +426,7 @@ def _reselect_on_ray(out: OutputDir, records: list[tuple[str, dict]], stages: li
     running = []
     for start in range(0, len(records), size):
         group = records[start:start + size]
-        sources = {record["source"] for _, record in group}
+        sources = {record.get("source") for _, record in group}
         running.append(task.remote(str(out.root), group, [s.for_shards(sources) for s in stages], names, read))
     changed_shards, failure = 0, None
     for ref in running:
