@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     select.add_argument("output")
     select.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="STAGE.KEY=VALUE",
                         required=True)
+    select.add_argument("--address", default=None,
+                        help="judge and rewrite the shards in tasks on this Ray cluster ('auto': the running one; "
+                             "default: in this process)")
     select.set_defaults(handler=cmd_select)
 
     status = commands.add_parser("status", help="list completed, failed and pending shards")
@@ -347,7 +350,7 @@ def shown(value) -> str:
 def cmd_select(args) -> int:
     from pipeline.run import select_thresholds
 
-    stats = select_thresholds(args.output, args.overrides)
+    stats = select_thresholds(args.output, args.overrides, address=args.address)
     print(format_funnel(stats))
     print(f"\n{stats['shards_reselected']} shard(s) changed; outputs rewritten without recomputing scores")
     return 0

@@ -350,10 +350,11 @@ def manifests_frame(output: str | Path | OutputDir) -> pl.LazyFrame:
     return pl.scan_parquet(sources, missing_columns="insert", extra_columns="ignore", storage_options=options)
 
 
-def select_thresholds(output: str, overrides: list[str]) -> dict:
+def select_thresholds(output: str, overrides: list[str], address: str | None = None) -> dict:
     """Re-apply new thresholds from the manifests: verdicts, manifests, output shards and stats change; no stage
     annotates again. Only settings listed in a stage's ``thresholds`` may change. Holds the output directory's
-    lease, as a run does."""
+    lease, as a run does. With ``address``, the shards are judged and rewritten in tasks on that Ray cluster
+    (its workers must reach the output and the input shards), else in this process."""
     load_saved_config(output, overrides)  # a vlcurate output and valid settings, else nothing is touched
     out = OutputDir(output)
     with OutputLease(out.root, "select"):
@@ -366,7 +367,9 @@ def select_thresholds(output: str, overrides: list[str]) -> dict:
                 + ". Other settings change the scores: rerun 'vlcurate run ... --force' instead"
             )
         out.remove_temporary_files()
-        changed = reselect(out, new)
+        if address:
+            init_ray(address)
+        changed = reselect(out, new, on_ray=bool(address))
         stats = write_stats(out, new)
     stats["shards_reselected"] = changed
     return stats

@@ -169,6 +169,28 @@ def test_selection_in_ray_tasks_equals_selection_in_this_process(ray_cluster, tm
             reselect(OutputDir(out), stricter, on_ray=flag)
 
 
+def test_select_with_address_rewrites_on_the_cluster_the_same_bytes(ray_cluster, tmp_path):
+    """`vlcurate select --address` joins the cluster and has its tasks rewrite the shards: the same outputs as
+    select in its own process."""
+    import ray
+
+    from pipeline.run import select_thresholds
+
+    inputs = make_inputs(tmp_path / "in", 3)
+    on_cluster, here = tmp_path / "on-cluster", tmp_path / "here"
+    run_curation(load_config(QWEN), [str(inputs)], str(on_cluster), progress=False)
+    shutil.copytree(on_cluster, here)
+    address = ray.get_runtime_context().gcs_address
+    command = vlcurate("select", on_cluster, "--set", "image_size.min_side=100", "--address", address)
+    stdout, stderr = command.communicate(timeout=300)
+    assert command.returncode == 0, stderr[-3000:]
+    drivers = {job["DriverPid"] for job in ray._private.state.jobs()}
+    assert command.pid in drivers  # select joined the cluster as a driver of its own
+    assert "3 shard(s) changed" in stdout
+    assert select_thresholds(str(here), ["image_size.min_side=100"])["shards_reselected"] == 3
+    assert_same_outputs(on_cluster, here)
+
+
 def test_bad_input_catalogue_each_case_has_its_own_reason(ray_cluster, tmp_path):
     good = flickr_members(require(FLICKR / "flickr8k-00003.tar"), 1)  # one real photo with caption and json
     photo = good[0][1]
