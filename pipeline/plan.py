@@ -137,6 +137,16 @@ def cluster_node_cpus() -> list[float]:
     return [float(node["Resources"].get("CPU", 0)) for node in ray.nodes() if node.get("Alive")]
 
 
+def task_groups(items: list, cluster_cpus: float) -> list[list]:
+    """``items`` (shards) in consecutive groups, one task each, sizes differing by one at most. Several small
+    shards per task (each still committed on its own), at least TASKS_PER_CPU tasks per CPU so that the work
+    stays balanced: a task costs the driver and Ray more than a small shard costs a worker."""
+    tasks = max(1, min(len(items), math.ceil(TASKS_PER_CPU * cluster_cpus)))
+    size, extra = divmod(len(items), tasks)
+    bounds = [i * size + min(i, extra) for i in range(tasks + 1)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0,
                node_cpus: list[float] | None = None) -> "ray.data.Dataset | ShardTasks":
     """The whole job: something whose ``iter_rows`` yields the summary rows (``pipeline.steps.SUMMARY_SCHEMA``).
@@ -146,17 +156,13 @@ def build_plan(shards: list[Shard], ctx: RunContext, gpus_available: float = 0.0
     node_cpus = node_cpus if node_cpus is not None else cluster_node_cpus()
     cluster_cpus = sum(node_cpus) or 1.0
     items = [{"source": s.url, "stem": s.stem} for s in shards]
-    # Several small shards per task (each still committed on its own), at least TASKS_PER_CPU tasks per CPU so
-    # that the work stays balanced: a task costs the driver and Ray more than a small shard costs a worker.
-    tasks = max(1, min(len(items), math.ceil(TASKS_PER_CPU * cluster_cpus)))
+    groups = task_groups(items, cluster_cpus)
     plan = ctx.plan
     if not plan.models:
-        size, extra = divmod(len(items), tasks)
-        bounds = [i * size + min(i, extra) for i in range(tasks + 1)]
-        groups = [[(item["source"], item["stem"]) for item in items[a:b]] for a, b in zip(bounds, bounds[1:])]
-        return ShardTasks(groups, ctx, source_cpus(ctx))
+        return ShardTasks([[(item["source"], item["stem"]) for item in group] for group in groups], ctx,
+                          source_cpus(ctx))
     data = ray_data()  # imported here: rule recipes never need it
-    dataset = data.from_items(items, override_num_blocks=tasks)
+    dataset = data.from_items(items, override_num_blocks=len(groups))
     # A source task holds a few batches at a time; reserving that memory also keeps Ray from fusing the source
     # step into the first model stage's actors (operators with different resource requests are never fused).
     dataset = dataset.map_batches(read_and_slim, fn_kwargs={"ctx": ctx}, batch_size=None, batch_format="pyarrow",

@@ -103,20 +103,21 @@ class LocalStorage:
     def open_writer(self, name: str) -> LocalWriter:
         return LocalWriter(self.root / name)
 
-    def list_names(self, folder: str, suffix: str = "") -> list[str]:
-        """Names of the regular files directly in ``folder`` ending in ``suffix``, sorted (links are skipped)."""
+    def _entries(self, folder: str) -> list[os.DirEntry]:
         path = self.root / folder
         if not path.is_dir() or path.is_symlink():
             return []
-        return sorted(entry.name for entry in os.scandir(path)
+        with os.scandir(path) as entries:
+            return list(entries)
+
+    def list_names(self, folder: str, suffix: str = "") -> list[str]:
+        """Names of the regular files directly in ``folder`` ending in ``suffix``, sorted (links are skipped)."""
+        return sorted(entry.name for entry in self._entries(folder)
                       if entry.name.endswith(suffix) and entry.is_file(follow_symlinks=False))
 
     def list_folders(self, folder: str) -> list[str]:
         """Names of the folders directly in ``folder``, sorted (links are skipped)."""
-        path = self.root / folder
-        if not path.is_dir() or path.is_symlink():
-            return []
-        return sorted(entry.name for entry in os.scandir(path) if entry.is_dir(follow_symlinks=False))
+        return sorted(entry.name for entry in self._entries(folder) if entry.is_dir(follow_symlinks=False))
 
     def delete(self, name: str) -> None:
         (self.root / name).unlink(missing_ok=True)
@@ -266,22 +267,20 @@ class ObjectStorage:
     def open_writer(self, name: str) -> ObjectWriter:
         return ObjectWriter(self.fs, self._key(name))
 
-    def list_names(self, folder: str, suffix: str = "") -> list[str]:
+    def _entries(self, folder: str, kind: str) -> list[str]:
+        """Names of the entries of ``kind`` (fsspec's "file" or "directory") directly under ``folder``."""
         try:
             entries = self.fs.ls(self._key(folder), detail=True, refresh=True)
         except FileNotFoundError:
             return []
-        names = [entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file"]
-        return sorted(name for name in names if name.endswith(suffix))
+        return [entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == kind]
+
+    def list_names(self, folder: str, suffix: str = "") -> list[str]:
+        return sorted(name for name in self._entries(folder, "file") if name.endswith(suffix))
 
     def list_folders(self, folder: str) -> list[str]:
         """Names of the common prefixes directly under ``folder`` (the store's folders), sorted."""
-        try:
-            entries = self.fs.ls(self._key(folder), detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted(entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries
-                      if entry.get("type") == "directory")
+        return sorted(self._entries(folder, "directory"))
 
     def delete(self, name: str) -> None:
         try:
