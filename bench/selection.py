@@ -44,9 +44,9 @@ def main() -> None:
 
     def selection(in_ray_tasks: bool):
         """``reselect`` timed, in Ray tasks where the run asks for them only if ``in_ray_tasks``."""
-        def measured(out, config, on_ray=False):
+        def measured(out, config, on_ray=False, **others):
             started = time.perf_counter()
-            changed = reselect(out, config, on_ray=in_ray_tasks and on_ray)
+            changed = reselect(out, config, on_ray=in_ray_tasks and on_ray, **others)
             timed.append((time.perf_counter() - started, changed))
             return changed
         return measured

@@ -179,7 +179,7 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
         check_compatible(saved, config, out.root)
         if done and saved.to_dict() != config.to_dict():
             # Only thresholds differ: re-apply them to the completed shards from their manifests.
-            reselected = reselect(out, config)
+            reselected = reselect(out, config, records=done)
     out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     remember_inputs(out, [s.url for s in shards])
     fingerprint = config.fingerprint()
@@ -375,22 +375,24 @@ def select_thresholds(output: str, overrides: list[str], address: str | None = N
     return stats
 
 
-def reselect(out: OutputDir, config: CurationConfig, on_ray: bool = False) -> int:
+def reselect(out: OutputDir, config: CurationConfig, on_ray: bool = False,
+             records: dict[str, dict] | None = None) -> int:
     """Recompute verdicts of every completed shard with ``config``'s thresholds; rewrite the shards that change.
     Returns how many shards changed. What depends on every shard (top fractions, duplicates) is decided here;
     the shards are then judged and rewritten here, one after another, or with ``on_ray`` in Ray tasks (whose
-    workers must reach the output and the input shards, as a run's do). The saved config is updated last."""
+    workers must reach the output and the input shards, as a run's do). ``records``: the completion records,
+    where the caller has just read them. The saved config is updated last."""
     from pipeline.dedup import resolve_duplicates
     from pipeline.semantic_dedup import resolve_semantic_duplicates
 
     stages = resolve_top_fractions(out, [s.build() for s in config.enabled_stages])
     stages = resolve_semantic_duplicates(out, resolve_duplicates(out, stages))
     names = stage_names(config)
-    records = list(out.done_records().items())
-    if on_ray and len(records) > 1:
-        changed_shards = _reselect_on_ray(out, records, stages, names, config.read)
+    completed = list((out.done_records() if records is None else records).items())
+    if on_ray and len(completed) > 1:
+        changed_shards = _reselect_on_ray(out, completed, stages, names, config.read)
     else:
-        changed_shards = reselect_shards(str(out.root), records, stages, names, config.read)
+        changed_shards = reselect_shards(str(out.root), completed, stages, names, config.read)
     out.write_bytes(CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
     return changed_shards
 
@@ -421,14 +423,11 @@ def _reselect_on_ray(out: OutputDir, records: list[tuple[str, dict]], stages: li
     raises (none may write once the output's lease is let go); a task's error is raised as it was raised."""
     import ray
 
-    from pipeline.plan import TASK_RETRIES, TASKS_PER_CPU
+    from pipeline.plan import TASK_RETRIES, task_groups
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    size = -(-len(records) // min(len(records), TASKS_PER_CPU * cpus))
     task = ray.remote(reselect_shards).options(num_cpus=1, max_retries=TASK_RETRIES)
     running = []
-    for start in range(0, len(records), size):
-        group = records[start:start + size]
+    for group in task_groups(records, ray.cluster_resources().get("CPU", 0) or 1.0):
         sources = {record.get("source") for _, record in group}
         running.append(task.remote(str(out.root), group, [s.for_shards(sources) for s in stages], names, read))
     changed_shards, failure = 0, None
