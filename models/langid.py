@@ -26,6 +26,7 @@ import functools
 import importlib.util
 import os
 import re
+import unicodedata
 from pathlib import Path
 from typing import Iterator
 
@@ -224,17 +225,20 @@ class WordLists:
         self.english, self.foreign = english, foreign
 
     def count(self, text: str) -> WordCounts:
-        """The caption's words by list. Linear in ``text``: callers pass a bounded prefix."""
+        """The caption's words by list, spelt as wordfreq spells them (composed accents, case folded: "Straße" is
+        "strasse"). A short word counts only as unlisted, where it is in neither set ("de" yes, "of" no). Linear
+        in ``text``: callers pass a bounded prefix."""
         english = foreign = foreign_lowercase = unlisted = 0
-        for match in _WORD.finditer(text):
+        for match in _WORD.finditer(unicodedata.normalize("NFC", text)):
             word = match.group()
-            lowered = word.lower().replace("\u2019", "'")
+            folded = word.casefold().replace("\u2019", "'")
             lowercase = word.islower()
-            if len(word) >= MIN_WORD_LETTERS and lowered in self.foreign:
+            long_enough = len(word) >= MIN_WORD_LETTERS
+            if long_enough and folded in self.foreign:
                 foreign += 1
                 foreign_lowercase += lowercase
-            elif len(word) >= MIN_WORD_LETTERS and lowered in self.english:
-                english += 1
+            elif folded in self.english:
+                english += long_enough
             elif lowercase or not _LATIN_WORD_AS_WRITTEN.fullmatch(word):
                 unlisted += 1
         return WordCounts(english, foreign, foreign_lowercase, unlisted)

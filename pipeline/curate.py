@@ -148,19 +148,26 @@ def drop_reason_expr(stages: Iterable[Stage]) -> pl.Expr:
     return pl.coalesce([read, *(stage_reason_expr(s) for s in stages)]).alias("drop_reason")
 
 
-def verdict_frame(table: pa.Table | pl.DataFrame) -> pl.DataFrame:
-    """The columns verdicts need, with ``error_stage`` present even when no stage has failed."""
+def verdict_frame(table: pa.Table | pl.DataFrame, stages: Iterable[Stage] = ()) -> pl.DataFrame:
+    """The columns verdicts need, with ``error_stage`` present even when no stage has failed, and every column
+    that ``stages`` declare: a manifest written before a stage declared a column judges its samples as that
+    stage did then (its rule reads a missing column as null)."""
     if isinstance(table, pa.Table):
         table = table.drop_columns([c for c in ("image", "pixels") if c in table.column_names])
         table = pl.from_arrow(table)
     frame = table
-    if "error_stage" not in frame.columns:
-        frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias("error_stage"))
+    missing = {"error_stage": pa.string()}
+    for stage in stages:
+        missing.update(stage.columns)
+    missing = {name: kind for name, kind in missing.items() if name not in frame.columns}
+    if missing:
+        frame = frame.with_columns(pl.from_arrow(pa.table({name: pa.nulls(frame.height, kind)
+                                                           for name, kind in missing.items()})))
     return frame
 
 
 def verdicts(table: pa.Table, stages: list[Stage]) -> list[str | None]:
-    return verdict_frame(table).select(drop_reason_expr(stages)).to_series().to_list()
+    return verdict_frame(table, stages).select(drop_reason_expr(stages)).to_series().to_list()
 
 
 def output_captions(frame: pl.DataFrame, stages: list[Stage]) -> list[list[str] | None]:
@@ -203,7 +210,7 @@ def apply_verdicts(table: pa.Table, stages: list[Stage]) -> pa.Table:
         for name, values in stage.selection_columns(table).items():
             table = _set_column(table, name, values)
     deciders = any(type(s).output_captions is not Stage.output_captions for s in stages)
-    frame = verdict_frame(table)
+    frame = verdict_frame(table, stages)
     reasons = frame.select(_drop_reason_expr(stages)).to_series()
     drop_reason = reasons.to_arrow().cast(pa.string())
     kept = pc.is_null(drop_reason)

