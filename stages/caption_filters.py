@@ -173,13 +173,14 @@ class LanguageStage(Stage):
 
     Where lingua was consulted, the word lists (``word_lists``, see ``models.langid.WordLists``) weigh in: both
     detectors read character n-grams, so a brand name can outweigh the English around it ("ADIDAS Mens Red
-    T-shirt" reads as German) and English product words can outweigh an Italian phrase ("T-shirt con stampa -
-    giallo"). A kept caption is dropped when foreign words make ``foreign_words_share`` of its listed words and
-    one of them is lowercase or the detectors keep it by less than ``foreign_words_ratio``; a dropped one is kept
-    when its words are English words and names (``english_words_to_keep``), unless the detectors together reach
-    ``sure_prob`` for another language. fastText's sure drop of a caption made of ``reopen_english_words``
-    English words and names is not final either: lingua and the word lists are asked. The counts are
-    manifest columns and the rule is applied from them, so its thresholds change at ``vlcurate select``.
+    T-shirt" reads as German) and English product names can outweigh the Indonesian around them ("Casing hp
+    Samsung Galaxy A52 bening"). A kept caption is dropped when foreign words make ``foreign_words_share`` of its
+    listed words and one of them is lowercase or the detectors keep it by less than ``foreign_words_ratio``; a
+    dropped one is kept when its words are English words and names (``english_words_to_keep``), unless the
+    detectors together reach ``sure_prob`` for another language. fastText's sure drop of a caption made of
+    ``reopen_english_words`` English words and names is not final either: lingua and the word lists are asked.
+    The counts are manifest columns and the rule is applied from them, so its thresholds change at
+    ``vlcurate select``.
     ``language_detector`` says which detectors decided: ``fasttext``, ``fasttext+lingua`` or
     ``fasttext+lingua+words``.
     """
@@ -267,7 +268,7 @@ class LanguageStage(Stage):
 
     def fasttext_sure(self, caption: str, shares: dict[str, float]) -> bool:
         """Whether fastText decides alone: it is sure of one language (unless that language would drop a caption
-        made of English words and names: "Shimano RD-5700 105 10-Speed Rear Derailleur" reads as French), or keeps
+        made of English words and names: "Campagnolo Record Rear Derailleur" reads as French), or keeps
         the caption by ``sure_margin`` and enough of its words are English words. Elsewhere lingua's second
         opinion, and the word lists, could change the verdict."""
         p: LanguageParams = self.params
