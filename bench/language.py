@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 import language_sets  # noqa: E402
 from models.langid import load_fasttext  # noqa: E402
 from pipeline.config import ReadParams  # noqa: E402
+from pipeline.curate import verdicts  # noqa: E402
 from pipeline.synth import OTHER_LANGUAGE  # noqa: E402
 from stages.caption_filters import CHINESE_VARIETIES, LanguageParams, LanguageStage  # noqa: E402
 from stages.base import SampleBatch  # noqa: E402
@@ -85,43 +86,44 @@ class StageRunner:
         return values
 
     def drops(self, captions: list[str]) -> list[bool]:
-        """The stage's own verdicts (``reject_reason`` on its columns)."""
-        import polars as pl
+        """The stage's own verdicts, as a run gives them (``pipeline.curate.verdicts`` on its columns)."""
         import pyarrow as pa
 
         values = self.annotate(captions)
         self.consulted = [(d or "").startswith("fasttext+lingua") for d in values["language_detector"]]
-        frame = pl.from_arrow(pa.table({name: pa.array(values[name], type=kind)
-                                        for name, kind in self.stage.columns.items()}))
-        return [reason is not None for reason in frame.select(self.stage.reject_reason())[:, 0].to_list()]
+        table = pa.table({"read_error": pa.nulls(len(captions), pa.string()),
+                          **{name: pa.array(values[name], type=kind) for name, kind in self.stage.columns.items()}})
+        return [reason is not None for reason in verdicts(table, [self.stage])]
 
 
 def keeps(p: LanguageParams, allowed: float, other: float) -> bool:
     return allowed >= p.min_prob and allowed >= p.min_ratio * other
 
 
-LINGUA_LOAD = """
+def load_script(setup: str, load: str) -> str:
+    """A script for a fresh process (argv: the project root, comma-separated languages) that runs ``setup``, then
+    times ``load`` and prints its seconds and the resident memory it added (MiB)."""
+    return f"""
 import sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from lingua import LanguageDetectorBuilder
-from models.langid import lingua_codes
+languages = sys.argv[2].split(",")
 def resident_mib():
     import resource
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
-codes = lingua_codes(sys.argv[2].split(","))
+{setup}
 before, start = resident_mib(), time.perf_counter()
-LanguageDetectorBuilder.from_iso_codes_639_1(*codes).with_preloaded_language_models().build()
-print(f"{time.perf_counter() - start:.1f} {resident_mib() - before:.0f}")
+{load}
+print(f"{{time.perf_counter() - start:.1f}} {{resident_mib() - before:.0f}}")
 """
 
 
-WORD_LISTS_LOAD = LINGUA_LOAD.split("codes = ")[0] + """
-from models.langid import load_word_lists
-before, start = resident_mib(), time.perf_counter()
-load_word_lists(tuple(sys.argv[2].split(",")))
-print(f"{time.perf_counter() - start:.1f} {resident_mib() - before:.0f}")
-"""
+LINGUA_LOAD = load_script(
+    "from lingua import LanguageDetectorBuilder\n"
+    "from models.langid import lingua_codes\n"
+    "codes = lingua_codes(languages)",
+    "LanguageDetectorBuilder.from_iso_codes_639_1(*codes).with_preloaded_language_models().build()")
+WORD_LISTS_LOAD = load_script("from models.langid import load_word_lists", "load_word_lists(tuple(languages))")
 
 
 def measure_load(script: str, languages: list[str]) -> tuple[str, str]:
@@ -211,9 +213,9 @@ def sweep_table(laion: list[str] | None) -> None:
         rows.append((f"{margin:g}", f"{words:g}", *errors[True], *errors[False],
                      f"{100 * consulted / len(laion_shares):.1f}%" if laion_shares else "n/a"))
     print("\nChoosing where lingua is consulted (verdicts of the detectors alone). sure_margin 2 asks lingua "
-          "wherever fastText's most likely language is under sure_prob\n(here the as-written reading is skipped where the lowercased one is sure, so fewer "
-          "LAION captions ask than with the\nprevious default below); the defaults are the cheapest setting whose "
-          "tuning-half errors match it.")
+          "wherever fastText's most likely language is under sure_prob\n(here the as-written reading is skipped "
+          "where the lowercased one is sure, so fewer LAION captions ask than with the\nprevious default below); "
+          "the defaults are the cheapest setting whose tuning-half errors match it.")
     print_table(["sure_margin", "sure_english_words", "tuning: false drops", "tuning: missed",
                  "held-out: false drops", "held-out: missed", "LAION consulting lingua"], rows)
 

@@ -12,8 +12,8 @@ import polars as pl
 import pyarrow as pa
 
 from models.clip_bpe import count_clip_tokens
-from models.langid import (lingua_codes, load_english_vocabulary, load_fasttext, load_lingua, load_word_lists,
-                           word_list_languages)
+from models.langid import (WordCounts, lingua_codes, load_english_vocabulary, load_fasttext, load_lingua,
+                           load_word_lists, word_list_languages)
 from stages.base import SampleBatch, Stage, StageParams, first_reason
 
 
@@ -282,12 +282,16 @@ class LanguageStage(Stage):
         english = self.vocabulary.share(caption)
         return english is None or english >= p.sure_english_words
 
+    def word_counts(self, caption: str) -> WordCounts:
+        """The caption's words by word list, over the prefix lingua reads."""
+        p: LanguageParams = self.params
+        return load_word_lists(tuple(p.word_list_languages)).count(caption[:p.lingua_max_chars])
+
     def english_and_names(self, caption: str) -> bool:
         """Whether the caption is ``reopen_english_words`` English words and names: no foreign or unlisted word.
         A setting, not a threshold: it decides what is annotated."""
-        p: LanguageParams = self.params
-        counts = load_word_lists(tuple(p.word_list_languages)).count(caption[:p.lingua_max_chars])
-        return counts.foreign == 0 and counts.unlisted == 0 and counts.english >= p.reopen_english_words
+        counts = self.word_counts(caption)
+        return counts.foreign == 0 and counts.unlisted == 0 and counts.english >= self.params.reopen_english_words
 
     def second_opinion(self, caption: str, shares: dict[str, float]) -> dict[str, float] | None:
         """fastText's and lingua's predictions averaged; None where lingua knows none of the caption's letters."""
@@ -316,8 +320,7 @@ class LanguageStage(Stage):
             if combined is not None:
                 decided[i] = (combined, "fasttext+lingua")
                 if self.params.word_lists:
-                    lists = load_word_lists(tuple(self.params.word_list_languages))
-                    words[i] = dataclasses.astuple(lists.count(captions[i][:self.params.lingua_max_chars]))
+                    words[i] = dataclasses.astuple(self.word_counts(captions[i]))
                     decided[i] = (combined, "fasttext+lingua+words")
         columns: dict[str, list] = {name: [] for name in self.columns}
         for i, (shares, detector) in enumerate(decided):
@@ -350,13 +353,12 @@ class LanguageStage(Stage):
         # never against detectors that together are sure of another language
         english_vote = ((foreign == 0) & (english >= p.english_words_to_keep)
                         & (pl.col("language_unlisted_words") == 0) & (other_prob < p.sure_prob))
-        counted = english.is_not_null()  # only where the word lists were read
-        kept = pl.when(counted & detectors_keep(1.0)).then(~foreign_vote).when(counted).then(english_vote)
+        counted = english.is_not_null()  # only where the word lists were read; elsewhere the detectors decide
+        kept = (pl.when(counted & detectors_keep(1.0)).then(~foreign_vote).when(counted).then(english_vote)
+                .otherwise(detectors_keep(1.0)))  # null for an empty caption: left to the length stage
         top_not_allowed = (~pl.col("language_code").is_in(p.allowed)).fill_null(False)  # empty: left to length
         return first_reason(
             (kept.not_(), "not_allowed_language"),
-            (~counted & (allowed_prob < p.min_prob), "not_allowed_language"),
-            (~counted & (allowed_prob < p.min_ratio * other_prob), "not_allowed_language"),
             (pl.lit(p.require_top_allowed) & top_not_allowed, "not_allowed_language"),
         )
 
