@@ -574,12 +574,14 @@ def test_a_forward_pass_out_of_memory_is_run_again_at_half_the_size(tiny, monkey
     stages = build_steps(entries)[0]
     with caplog.at_level(logging.WARNING, logger="stages.model_scores"):
         retried = annotate_twice(stages, captions, photos)
-    # The same captions and ITM scores; CLIP scores to float32 rounding (a matrix product's sum order depends on
-    # how many rows it has, on CPU and GPU alike).
+    # The same captions and verdicts; the scores to float32 rounding (a matrix product's sum order depends on how
+    # many rows it has, on CPU and GPU alike, and the passes hold fewer rows after the retry).
+    scores = ("clip_score", "capfilt_web_itm", "capfilt_synthetic_itm")
     for retried_rows, reference_rows in zip(retried, reference):
         for row, expected in zip(retried_rows, reference_rows):
-            assert row["clip_score"] == pytest.approx(expected["clip_score"], abs=1e-6)
-            assert {**row, "clip_score": None} == {**expected, "clip_score": None}
+            for name in scores:
+                assert row[name] == pytest.approx(expected[name], abs=1e-6), name
+            assert {**row, **dict.fromkeys(scores)} == {**expected, **dict.fromkeys(scores)}
     # 7 images: 7 fails, then passes of 3 (7 // 2); the second batch starts at the smaller size.
     assert sizes["clip"] == [7, 3, 3, 1, 3, 2]
     assert sizes["captioner"] == [7, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]  # halved twice: 7, 3, then 1
