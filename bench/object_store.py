@@ -1,8 +1,10 @@
 """What a run on an output in an object store pays outside curating: reading every completion record, clearing
 what earlier attempts left of the shards it is about to curate, and reading every manifest when the selection is
-made over the whole output (``select``, and at the end of a run with dedup or ``top_fraction``).
+made over the whole output (``select``, and at the end of a run with dedup or ``top_fraction``); and what it pays
+per small shard committed.
 
-    .venv/bin/python bench/object_store.py [--records 1000] [--pending 300] [--manifests 300] [--latency-ms 0 15]
+    .venv/bin/python bench/object_store.py [--records 1000] [--pending 300] [--manifests 300] [--commits 40]
+                                           [--per-shard 50] [--latency-ms 0 15]
 
 A run (and ``stats``, ``select``, the end-of-run statistics) reads the completion record of every shard in the
 output to know which shards are done. Here the object store is moto's S3 server on 127.0.0.1, reached through a
@@ -20,6 +22,10 @@ and for ``--pending`` shards about to be curated into a fresh prefix (no record,
 * a delete of the record and of the work in progress for each shard (how it was done before, the baseline);
 * ``pipeline.run.forget_pending``: one listing of the shards with work in progress, then only what exists;
 
+and for ``--commits`` small shards of real Flickr8k samples curated into a fresh prefix by the rule recipe, in this
+process (``pipeline.steps.curate_shards``, as one Ray task runs it, after ``forget_pending`` as a run does): the
+wall time per shard, where each commit's writes wait their round trips;
+
 and for ``--manifests`` manifests of 250 rows:
 
 * reading them one after another (the baseline), and with ``pipeline.storage.read_ahead`` (the next
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import socket
@@ -145,11 +152,63 @@ def manifest_like() -> bytes:
     }))
 
 
+FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
+
+
+def small_shards(folder: Path, count: int, per_shard: int) -> list[tuple[str, str]]:
+    """``count`` shards of ``per_shard`` real Flickr8k samples each (keys made unique), as (path, stem)."""
+    import tarfile
+
+
+    source = sorted(FLICKR.glob("*.tar"))[0]
+    with tarfile.open(source) as archive:
+        members = [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
+    samples: dict[str, list] = {}
+    for name, data in members:
+        samples.setdefault(name.split(".", 1)[0], []).append((name.split(".", 1)[1], data))
+    keys = list(samples)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for index in range(count):
+        path = folder / f"small-{index:05d}.tar"
+        with tarfile.open(path, "w") as archive:
+            for position in range(per_shard):
+                key = keys[(index * per_shard + position) % len(keys)]
+                for extension, data in samples[key]:
+                    info = tarfile.TarInfo(f"{index:05d}{position:05d}{key}.{extension}")
+                    info.size = len(data)
+                    archive.addfile(info, io.BytesIO(data))
+        shards.append((str(path), path.stem))
+    return shards
+
+
+def curate_into(url: str, shards: list[tuple[str, str]]) -> float:
+    """Seconds to curate ``shards`` into ``url`` with the rule recipe in this process, as one task does."""
+    from pipeline.config import load_config
+    from pipeline.outputs import OutputDir
+    from pipeline.run import forget_pending
+    from pipeline.shards import Shard
+    from pipeline.steps import RunContext, curate_shards
+
+    config = load_config(ROOT / "configs" / "qwen-vl-rules.yaml", [])
+    out = OutputDir(url)
+    out.create()
+    ctx = RunContext(specs=config.enabled_stages, read=config.read, out_root=url, fingerprint="bench",
+                     config_name=config.name)
+    started = time.perf_counter()
+    forget_pending(out, [Shard(path, stem) for path, stem in shards], out.done_records())
+    summaries = list(curate_shards(ctx, shards))
+    assert len(summaries) == len(shards) and not [s for s in summaries if s["error"]], summaries[:1]
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, nargs="+", default=[1000])
     parser.add_argument("--pending", type=int, default=300)
     parser.add_argument("--manifests", type=int, default=300)
+    parser.add_argument("--commits", type=int, default=40, help="small shards curated into the object store")
+    parser.add_argument("--per-shard", type=int, default=50, help="samples in each of those shards")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 15.0])
     args = parser.parse_args()
     moto_port = free_port()
@@ -207,6 +266,21 @@ def main() -> None:
             one_by_one = time.perf_counter()
             forget_pending(out, pending, out.done_records())
             print(f"| {latency:>21g} | {one_by_one - started:>23.2f} | {time.perf_counter() - one_by_one:>16.2f} |")
+        if args.commits:
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as work:
+                shards = small_shards(Path(work), args.commits, args.per_shard)
+                curate_into(str(Path(work) / "warm-up"), shards[:2])  # the stages' models load once
+                print(f"\nCurating {args.commits} shards of {args.per_shard} Flickr8k samples into a fresh prefix "
+                      "(rule recipe, one task's work in this process):")
+                print("| latency ms (each way) | seconds | ms per shard | samples/s |")
+                print("|-----------------------|---------|--------------|-----------|")
+                for number, latency in enumerate(args.latency_ms):
+                    relay.delay = latency / 1000
+                    seconds = curate_into(f"s3://{BUCKET}/curated-{number}", shards)
+                    print(f"| {latency:>21g} | {seconds:>7.2f} | {1000 * seconds / len(shards):>12.1f} | "
+                          f"{len(shards) * args.per_shard / seconds:>9.0f} |")
         out = OutputDir(f"s3://{BUCKET}/manifests")
         stems = [f"shard-{i:07d}" for i in range(args.manifests)]
         manifest = manifest_like()

@@ -127,6 +127,14 @@ class OutputDir:
         """The shards with work in progress (one listing, whatever the number of shards)."""
         return set(self.store.list_folders(PARTS))
 
+    def stems_with_failures(self) -> set[str]:
+        """The shards with a failure record (one listing)."""
+        return {name[: -len(".failed.json")] for name in self.store.list_names(STATE, ".failed.json")}
+
+    def stems_with_embeddings(self) -> set[str]:
+        """The shards with saved embeddings (one listing)."""
+        return {name[: -len(".npy")] for name in self.store.list_names(EMBEDDINGS, ".npy")}
+
     def clear_parts(self, stem: str) -> None:
         """Remove a shard's work in progress (an earlier attempt's parts must never be joined with new ones)."""
         self.store.delete_folder(self.parts_name(stem))
@@ -424,10 +432,10 @@ class ShardWriter:
             if EMBEDDING_COLUMN in manifest.column_names:
                 embeddings = embeddings_bytes(manifest.column(EMBEDDING_COLUMN))
                 manifest = manifest.drop_columns([EMBEDDING_COLUMN])
+            # An earlier computation's failure record and embeddings went before the run (``forget_pending``):
+            # a commit sends no request beyond its own writes.
             if embeddings is not None:
                 self.out.write_bytes(embeddings_name(self.stem), embeddings)
-            elif self.out.is_file(embeddings_name(self.stem)):
-                self.out.delete(embeddings_name(self.stem))  # an earlier computation's, with other settings
             self.out.write_bytes(self.out.manifest_name(self.stem), manifest_bytes(manifest))
             record = {
                 "stem": self.stem,
@@ -437,7 +445,6 @@ class ShardWriter:
                 **shard_stats(manifest.column("drop_reason").to_pylist(), stage_names),
                 "timing": sum_timing(self.timings),
             }
-            self.out.delete(self.out.failed_name(self.stem))
             self.out.write_json(self.out.done_name(self.stem), record)
             return record
         finally:

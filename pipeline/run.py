@@ -21,7 +21,7 @@ from pipeline.curate import stage_names as funnel_names
 from pipeline.lease import LEASE_PATH, OutputLease
 from pipeline.outputs import (MANIFESTS, SHARDS, STATE, TMP_MARK, OutputDir, PartInfo, ShardWriter,
                               aggregate_stats, commit_shard, manifest_bytes, parts_cover, shard_stats,
-                              write_shard_failure)
+                              embeddings_name, write_shard_failure)
 from pipeline.raystart import init_ray
 from pipeline.shards import ReadParams, expand_inputs, iter_sample_batches, shard_stem
 from pipeline.storage import read_ahead
@@ -215,13 +215,19 @@ def _curate(config: CurationConfig, shards: list, out: OutputDir, address: str |
 
 def forget_pending(out: OutputDir, pending: list, done: dict[str, dict]) -> None:
     """Before shards are curated (again): a stale completion record must not vouch for outputs about to be
-    replaced, and an earlier attempt's parts must never be joined with new ones. Only what exists is removed,
-    found with one listing, so that a first run over 100,000 shards into an object store does not send a
-    request or two per shard before it starts."""
-    with_parts = out.stems_with_parts()
+    replaced, an earlier attempt's parts must never be joined with new ones, and an earlier failure record or
+    embeddings (computed with other settings) must not outlive the new outputs. Only what exists is removed,
+    found with one listing per folder, so that a first run over 100,000 shards into an object store sends no
+    request per shard before it starts, and its commits none beyond their own writes."""
+    with_parts, with_failures, with_embeddings = (out.stems_with_parts(), out.stems_with_failures(),
+                                                  out.stems_with_embeddings())
     for shard in pending:
         if shard.stem in done:
             out.delete(out.done_name(shard.stem))
+        if shard.stem in with_failures:
+            out.delete(out.failed_name(shard.stem))
+        if shard.stem in with_embeddings:
+            out.delete(embeddings_name(shard.stem))
         if shard.stem in with_parts:
             out.clear_parts(shard.stem)
 

@@ -283,23 +283,25 @@ def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[di
     result), then each shard's rows go to its own writer (``SharedBatch``). Small shards thus pay the per-batch
     costs once per batch, not once each. A shard that cannot be read fails alone.
 
-    A commit mostly waits (fsync on a local disk, uploads to an object store), so it runs on a thread of its own
-    while the next batches are read and judged; at most one commit waits behind the one running."""
+    A commit mostly waits (fsync on a local disk, uploads to an object store), so commits run on threads of their
+    own while the next batches are read and judged: one on a local disk, ``REMOTE_COMMITS`` into an object store
+    (where each of a commit's writes waits a round trip); at most as many again wait behind them."""
     out = OutputDir(ctx.out_root)
     timer = StageTimer()
     batch = SharedBatch(ctx, ctx.stages(), timer)
     in_flight: collections.deque[ShardInFlight] = collections.deque()  # in the order of ``shards``
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") as committer:
+    committers = REMOTE_COMMITS if out.remote else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=committers, thread_name_prefix="commit") as committer:
 
         def finished() -> Iterator[dict]:
             """Commit the shards fully written; yield the summaries at the head of the line that are ready (or
-            wait for the first when more than two commits are waiting)."""
+            wait for the first when more than twice ``committers`` commits are waiting)."""
             for shard in in_flight:
                 if shard.result is None and shard.read and shard.unwritten == 0:
                     shard.result = committer.submit(commit_written, ctx, shard.writer)
             while in_flight and in_flight[0].result is not None:
                 waiting = sum(1 for s in in_flight if isinstance(s.result, concurrent.futures.Future))
-                if not (_ready(in_flight[0].result) or waiting > 2):
+                if not (_ready(in_flight[0].result) or waiting > 2 * committers):
                     return
                 yield _result(in_flight.popleft().result)
 
@@ -327,6 +329,9 @@ def curate_shards(ctx: RunContext, shards: list[tuple[str, str]]) -> Iterator[di
             yield from finished()
             if in_flight:
                 concurrent.futures.wait([in_flight[0].result])
+
+
+REMOTE_COMMITS = 4  # commits at once into an object store, per task
 
 
 def commit_written(ctx: RunContext, writer: ShardWriter) -> dict:

@@ -116,6 +116,27 @@ def test_truncated_shard_fails_alone_and_rerun_retries_only_it(ray_cluster, tmp_
     assert rerun.stats["total"] == 750 and rerun.stats["shards_failed"] == []
     assert shard_status(str(out)) == {"completed": ["part-00000", "part-00001", "part-00002"], "failed": [],
                                       "pending": []}
+    assert not (out / "_state" / "part-00001.failed.json").exists()  # the old failure does not outlive the fix
+
+
+def test_before_curating_only_the_pending_shards_lose_what_earlier_runs_left(tmp_path):
+    """Completion and failure records, embeddings and work in progress of the shards about to be curated go
+    before the run (their commits then write and never probe); those of other shards stay."""
+    from pipeline.outputs import OutputDir, embeddings_name
+    from pipeline.run import forget_pending
+    from pipeline.shards import Shard
+
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    names = {}
+    for stem in ("pending", "kept"):
+        names[stem] = [out.done_name(stem), out.failed_name(stem), embeddings_name(stem),
+                       f"{out.parts_name(stem)}/0000000000.tar"]
+        for name in names[stem]:
+            out.write_bytes(name, b"{}")
+    forget_pending(out, [Shard(str(tmp_path / "pending.tar"), "pending")], out.done_records())
+    assert [name for name in names["pending"] if (tmp_path / "out" / name).exists()] == []
+    assert all((tmp_path / "out" / name).exists() for name in names["kept"])
 
 
 def test_rerun_with_changed_settings_refuses_unless_forced(ray_cluster, tmp_path):
