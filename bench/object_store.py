@@ -4,7 +4,7 @@ made over the whole output (``select``, and at the end of a run with dedup or ``
 per small shard committed.
 
     .venv/bin/python bench/object_store.py [--records 1000] [--pending 300] [--manifests 300] [--commits 40]
-                                           [--per-shard 50] [--latency-ms 0 15]
+                                           [--per-shard 50] [--model-shards 0] [--latency-ms 0 15]
 
 A run (and ``stats``, ``select``, the end-of-run statistics) reads the completion record of every shard in the
 output to know which shards are done. Here the object store is moto's S3 server on 127.0.0.1, reached through a
@@ -25,6 +25,11 @@ and for ``--pending`` shards about to be curated into a fresh prefix (no record,
 and for ``--commits`` small shards of real Flickr8k samples curated into a fresh prefix by the rule recipe, in this
 process (``pipeline.steps.curate_shards``, as one Ray task runs it, after ``forget_pending`` as a run does): the
 wall time per shard, where each commit's writes wait their round trips;
+
+and for ``--model-shards`` such shards curated by ``configs/demo.yaml`` with its CLIP score on a tiny random model
+on CPU and CapFilt off (so that the model costs little beside the round trips), on a local Ray started by this
+script whose workers reach the relay: ``run_curation``'s wall time, where the driver joins each shard's parts into
+its outputs;
 
 and for ``--manifests`` manifests of 250 rows:
 
@@ -202,6 +207,28 @@ def curate_into(url: str, shards: list[tuple[str, str]]) -> float:
     return time.perf_counter() - started
 
 
+def tiny_model_settings(folder: Path) -> list[str]:
+    """configs/demo.yaml's CLIP score on a tiny random model saved in ``folder``, on CPU; CapFilt off."""
+    from models.tiny import TINY_CLIP, save_tiny_clip
+
+    clip = save_tiny_clip(folder / "clip")
+    return [f"clip_score.model={TINY_CLIP}", f"clip_score.pretrained={clip['checkpoint']}",
+            f"clip_score.model_config={clip['model_config']}", "clip_score.image_size=32", "decode.size=32",
+            "clip_score.resources.num_gpus=0", "image_size.min_side=32", "capfilt.enabled=false"]
+
+
+def model_run_into(url: str, inputs: str, settings: list[str]) -> float:
+    """Seconds of ``run_curation`` with configs/demo.yaml and ``settings`` into ``url`` (Ray running)."""
+    from pipeline.config import load_config
+    from pipeline.run import run_curation
+
+    config = load_config(ROOT / "configs" / "demo.yaml", settings)
+    started = time.perf_counter()
+    result = run_curation(config, [inputs], url, progress=False)
+    assert not result.failed and result.processed, result
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, nargs="+", default=[1000])
@@ -209,6 +236,8 @@ def main() -> None:
     parser.add_argument("--manifests", type=int, default=300)
     parser.add_argument("--commits", type=int, default=40, help="small shards curated into the object store")
     parser.add_argument("--per-shard", type=int, default=50, help="samples in each of those shards")
+    parser.add_argument("--model-shards", type=int, default=0,
+                        help="shards (of --per-shard samples) curated with tiny models into the object store")
     parser.add_argument("--latency-ms", type=float, nargs="+", default=[0.0, 15.0])
     args = parser.parse_args()
     moto_port = free_port()
@@ -281,6 +310,26 @@ def main() -> None:
                     seconds = curate_into(f"s3://{BUCKET}/curated-{number}", shards)
                     print(f"| {latency:>21g} | {seconds:>7.2f} | {1000 * seconds / len(shards):>12.1f} | "
                           f"{len(shards) * args.per_shard / seconds:>9.0f} |")
+        if args.model_shards:
+            import tempfile
+
+            from pipeline.raystart import init_ray
+
+            init_ray(num_cpus=os.cpu_count())  # its workers inherit the S3 settings above
+            with tempfile.TemporaryDirectory() as work:
+                folder = Path(work) / "in"
+                small_shards(folder, args.model_shards, args.per_shard)
+                relay.delay = 0
+                settings = tiny_model_settings(Path(work) / "models")
+                model_run_into(str(Path(work) / "warm-up"), str(folder), settings)
+                print(f"\nCurating {args.model_shards} shards of {args.per_shard} Flickr8k samples into a fresh prefix "
+                      "with configs/demo.yaml's tiny CLIP score on CPU (run_curation on a local Ray):")
+                print("| latency ms (each way) | seconds | ms per shard |")
+                print("|-----------------------|---------|--------------|")
+                for number, latency in enumerate(args.latency_ms):
+                    relay.delay = latency / 1000
+                    seconds = model_run_into(f"s3://{BUCKET}/model-{number}", str(folder), settings)
+                    print(f"| {latency:>21g} | {seconds:>7.2f} | {1000 * seconds / args.model_shards:>12.1f} |")
         out = OutputDir(f"s3://{BUCKET}/manifests")
         stems = [f"shard-{i:07d}" for i in range(args.manifests)]
         manifest = manifest_like()

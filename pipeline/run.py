@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -257,22 +258,31 @@ def remember_inputs(out: OutputDir, urls: list[str]) -> None:
         out.write_json(name, {"shards": sorted(known | set(urls))})
 
 
+DRIVER_COMMITS_REMOTE = 8  # shards the driver commits at once into an object store (one at a time locally)
+
+
 class ShardBook:
     """The driver's view of the shards in flight: the parts written so far and how many samples each shard has.
     A shard is committed once its parts cover all of its samples (retried tasks rewrite the same parts, so a
-    part is counted once by its first position)."""
+    part is counted once by its first position).
 
-    def __init__(self, shards, out: OutputDir, ctx):
+    A commit reads the shard's parts and writes its outputs: into an object store that is a round trip per part
+    and per file, so commits run on ``committer``'s threads while the driver takes in more summaries; the book
+    itself is only touched by the driver's thread (``add`` and ``committed``)."""
+
+    def __init__(self, shards, out: OutputDir, ctx, committer: concurrent.futures.Executor):
         self.sources = {s.stem: s.url for s in shards}
-        self.out, self.ctx = out, ctx
+        self.out, self.ctx, self.committer = out, ctx, committer
         self.parts: dict[str, dict[int, PartInfo]] = {stem: {} for stem in self.sources}
         self.totals: dict[str, int] = {}
+        self.committing: dict[str, concurrent.futures.Future] = {}
         self.finished: dict[str, dict] = {}  # stem -> {"stem", "source", "total", "kept", "error"}
 
     def add(self, summary: dict) -> dict | None:
-        """Take one summary row; returns the shard's final result when this row finished it."""
+        """Take one summary row; returns the shard's final result when this row finished it (a commit it
+        started finishes later: ``committed``)."""
         stem = summary["stem"]
-        if stem in self.finished or stem not in self.sources:
+        if stem in self.finished or stem in self.committing or stem not in self.sources:
             return None
         if summary["error"] is not None:
             return self._finish(stem, total=0, kept=0, error=summary["error"])
@@ -286,18 +296,29 @@ class ShardBook:
                                                           timing=json.loads(summary["timing"] or "{}"))
         total = self.totals.get(stem)
         if total is not None and parts_cover(list(self.parts[stem].values()), total):
-            return self._commit(stem, total)
+            self.committing[stem] = self.committer.submit(
+                commit_shard, self.out, stem, self.sources[stem], list(self.parts.pop(stem).values()), total,
+                funnel_names(self.ctx.stages()), self.ctx.fingerprint, self.ctx.config_name)
         return None
 
-    def _commit(self, stem: str, total: int) -> dict:
+    def committed(self, wait: bool = False) -> list[dict]:
+        """The final results of the commits that have returned (with ``wait``, of every commit started)."""
         from pipeline.steps import describe
 
-        try:
-            record = commit_shard(self.out, stem, self.sources[stem], list(self.parts[stem].values()), total,
-                                  funnel_names(self.ctx.stages()), self.ctx.fingerprint, self.ctx.config_name)
-        except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
-            return self._finish(stem, total=0, kept=0, error=f"committing outputs: {describe(exc)}")
-        return self._finish(stem, total=record["total"], kept=record["kept"], error=None)
+        if wait:
+            concurrent.futures.wait(list(self.committing.values()))
+        results = []
+        for stem, future in list(self.committing.items()):
+            if not future.done():
+                continue
+            del self.committing[stem]
+            try:
+                record = future.result()
+            except Exception as exc:  # noqa: BLE001 - this shard fails; the others go on
+                results.append(self._finish(stem, total=0, kept=0, error=f"committing outputs: {describe(exc)}"))
+            else:
+                results.append(self._finish(stem, total=record["total"], kept=record["kept"], error=None))
+        return results
 
     def _finish(self, stem: str, total: int, kept: int, error: str | None) -> dict:
         self.parts.pop(stem, None)
@@ -309,25 +330,32 @@ class ShardBook:
         """Shards the run ended without committing: their parts do not cover their samples."""
         return [self._finish(stem, 0, 0, "incomplete: the parts written do not cover every sample of the shard "
                                          "(rerun to redo it)")
-                for stem in list(self.sources) if stem not in self.finished]
+                for stem in list(self.sources) if stem not in self.finished and stem not in self.committing]
 
 
 def _consume(plan, shards, out: OutputDir, ctx, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
-    book = ShardBook(shards, out, ctx)
     results: list[dict] = []
     samples = kept = 0
-    with tqdm(total=len(shards), unit="shard", disable=not progress, file=sys.stderr, desc="curating") as bar:
+    committers = DRIVER_COMMITS_REMOTE if out.remote else 1
+    with (concurrent.futures.ThreadPoolExecutor(max_workers=committers, thread_name_prefix="commit") as committer,
+          tqdm(total=len(shards), unit="shard", disable=not progress, file=sys.stderr, desc="curating") as bar):
+        book = ShardBook(shards, out, ctx, committer)
+
+        def count(finished: list[dict]) -> None:
+            nonlocal samples, kept
+            for result in finished:
+                results.append(result)
+                samples += result["total"]
+                kept += result["kept"]
+                bar.set_postfix(samples=samples, kept=kept, failed=sum(1 for r in results if r["error"]))
+                bar.update(1)
+
         for summary in plan.iter_rows():
             result = book.add(summary)
-            if result is None:
-                continue
-            results.append(result)
-            samples += result["total"]
-            kept += result["kept"]
-            bar.set_postfix(samples=samples, kept=kept, failed=sum(1 for r in results if r["error"]))
-            bar.update(1)
+            count(([result] if result is not None else []) + book.committed())
+        count(book.committed(wait=True))
     return results + book.unfinished()
 
 

@@ -281,3 +281,36 @@ def test_killed_ray_worker_is_retried_and_outputs_are_exact(ray_cluster, tmp_pat
     assert result.processed == 24 and not result.failed
     assert_same_outputs(clean, hit)
     assert leftovers(hit) == []
+
+
+def test_driver_commits_run_beside_the_summaries_and_a_failed_commit_fails_its_shard_alone(tmp_path):
+    """The driver's book of shards in flight (model recipes): a shard whose parts cover its samples is committed
+    on the committer's threads; a commit that fails (here its part files are gone) fails that shard alone, with
+    the reason; a retried task's late summary for a shard being committed is ignored; a shard whose parts never
+    cover it is reported incomplete."""
+    import concurrent.futures
+
+    from pipeline.outputs import OutputDir, PartInfo
+    from pipeline.run import ShardBook
+    from pipeline.shards import Shard
+    from pipeline.steps import RunContext, shard_summary
+
+    out = OutputDir(tmp_path / "out")
+    out.create()
+    ctx = RunContext(specs=load_config(QWEN).enabled_stages, read=load_config(QWEN).read, out_root=str(out.root),
+                     fingerprint="f", config_name="c")
+    shards = [Shard(str(tmp_path / f"{stem}.tar"), stem) for stem in ("gone", "bad", "short")]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as committer:
+        book = ShardBook(shards, out, ctx, committer)
+        part = PartInfo(first=0, rows=3, tar_bytes=512, timing={})
+        assert book.add(shard_summary("gone", shards[0].url, part=part)) is None
+        assert book.add(shard_summary("gone", shards[0].url, total=3, end=True)) is None  # covered: committing
+        assert book.add(shard_summary("gone", shards[0].url, part=part)) is None  # a retried task's, ignored
+        failed = book.add(shard_summary("bad", shards[1].url, error="unreadable tar archive", end=True))
+        assert failed["error"] == "unreadable tar archive"
+        assert book.add(shard_summary("short", shards[2].url, part=part)) is None
+        assert book.add(shard_summary("short", shards[2].url, total=5, end=True)) is None  # 3 of 5 samples
+        committed = book.committed(wait=True)
+    assert [r["stem"] for r in committed] == ["gone"] and committed[0]["error"].startswith("committing outputs: ")
+    assert [(r["stem"], r["error"].split(":")[0]) for r in book.unfinished()] == [("short", "incomplete")]
+    assert not (tmp_path / "out" / "_state" / "gone.done.json").exists()
