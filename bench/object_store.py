@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import json
 import os
 import socket
@@ -124,9 +123,7 @@ class LatencyRelay:
             await sender
 
 
-def print_table(rows: list[tuple]) -> None:
-    header = ("records", "latency ms (each way)", "listing s", "listing + one read after another s",
-              "ms per read", "done_records() s", "speed-up")
+def print_table(header: tuple, rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     print("| " + " | ".join(str(h).rjust(w) for h, w in zip(header, widths)) + " |")
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -157,34 +154,12 @@ def manifest_like() -> bytes:
     }))
 
 
-FLICKR = ROOT.parent / "shared" / "data" / "flickr8k"
-
-
 def small_shards(folder: Path, count: int, per_shard: int) -> list[tuple[str, str]]:
     """``count`` shards of ``per_shard`` real Flickr8k samples each (keys made unique), as (path, stem)."""
-    import tarfile
+    from throughput import replicate
 
-
-    source = sorted(FLICKR.glob("*.tar"))[0]
-    with tarfile.open(source) as archive:
-        members = [(m.name, archive.extractfile(m).read()) for m in archive if m.isfile()]
-    samples: dict[str, list] = {}
-    for name, data in members:
-        samples.setdefault(name.split(".", 1)[0], []).append((name.split(".", 1)[1], data))
-    keys = list(samples)
-    folder.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for index in range(count):
-        path = folder / f"small-{index:05d}.tar"
-        with tarfile.open(path, "w") as archive:
-            for position in range(per_shard):
-                key = keys[(index * per_shard + position) % len(keys)]
-                for extension, data in samples[key]:
-                    info = tarfile.TarInfo(f"{index:05d}{position:05d}{key}.{extension}")
-                    info.size = len(data)
-                    archive.addfile(info, io.BytesIO(data))
-        shards.append((str(path), path.stem))
-    return shards
+    replicate(folder, count * per_shard, per_shard)
+    return [(str(path), path.stem) for path in sorted(folder.glob("*.tar"))]
 
 
 def curate_into(url: str, shards: list[tuple[str, str]]) -> float:
@@ -280,7 +255,8 @@ def main() -> None:
                              f"{new:.2f}", f"{baseline / new:.1f}x"))
         print(f"Completion records read from moto's S3 server through a latency relay ({READS_IN_FLIGHT} reads in "
               "flight for done_records()):")
-        print_table(rows)
+        print_table(("records", "latency ms (each way)", "listing s", "listing + one read after another s",
+                     "ms per read", "done_records() s", "speed-up"), rows)
         out = OutputDir(f"s3://{BUCKET}/fresh")
         pending = [Shard(f"/in/shard-{i:07d}.tar", f"shard-{i:07d}") for i in range(args.pending)]
         print(f"\nBefore curating {args.pending} shards into a fresh prefix:")
@@ -299,17 +275,17 @@ def main() -> None:
             import tempfile
 
             with tempfile.TemporaryDirectory() as work:
-                shards = small_shards(Path(work), args.commits, args.per_shard)
+                shards = small_shards(Path(work) / "in", args.commits, args.per_shard)
                 curate_into(str(Path(work) / "warm-up"), shards[:2])  # the stages' models load once
                 print(f"\nCurating {args.commits} shards of {args.per_shard} Flickr8k samples into a fresh prefix "
                       "(rule recipe, one task's work in this process):")
-                print("| latency ms (each way) | seconds | ms per shard | samples/s |")
-                print("|-----------------------|---------|--------------|-----------|")
+                rows = []
                 for number, latency in enumerate(args.latency_ms):
                     relay.delay = latency / 1000
                     seconds = curate_into(f"s3://{BUCKET}/curated-{number}", shards)
-                    print(f"| {latency:>21g} | {seconds:>7.2f} | {1000 * seconds / len(shards):>12.1f} | "
-                          f"{len(shards) * args.per_shard / seconds:>9.0f} |")
+                    rows.append((f"{latency:g}", f"{seconds:.2f}", f"{1000 * seconds / len(shards):.1f}",
+                                 f"{len(shards) * args.per_shard / seconds:.0f}"))
+                print_table(("latency ms (each way)", "seconds", "ms per shard", "samples/s"), rows)
         if args.model_shards:
             import tempfile
 
@@ -324,12 +300,12 @@ def main() -> None:
                 model_run_into(str(Path(work) / "warm-up"), str(folder), settings)
                 print(f"\nCurating {args.model_shards} shards of {args.per_shard} Flickr8k samples into a fresh prefix "
                       "with configs/demo.yaml's tiny CLIP score on CPU (run_curation on a local Ray):")
-                print("| latency ms (each way) | seconds | ms per shard |")
-                print("|-----------------------|---------|--------------|")
+                rows = []
                 for number, latency in enumerate(args.latency_ms):
                     relay.delay = latency / 1000
                     seconds = model_run_into(f"s3://{BUCKET}/model-{number}", str(folder), settings)
-                    print(f"| {latency:>21g} | {seconds:>7.2f} | {1000 * seconds / args.model_shards:>12.1f} |")
+                    rows.append((f"{latency:g}", f"{seconds:.2f}", f"{1000 * seconds / args.model_shards:.1f}"))
+                print_table(("latency ms (each way)", "seconds", "ms per shard"), rows)
         out = OutputDir(f"s3://{BUCKET}/manifests")
         stems = [f"shard-{i:07d}" for i in range(args.manifests)]
         manifest = manifest_like()

@@ -112,8 +112,12 @@ class OutputDir:
         with self.store.open_input(self.manifest_name(stem)) as source:
             return pq.read_table(source, columns=columns)
 
+    def _stems(self, folder: str, suffix: str) -> list[str]:
+        """The shard stems of the files in ``folder`` named STEM + ``suffix``, sorted (one listing)."""
+        return [name[: -len(suffix)] for name in self.store.list_names(folder, suffix)]
+
     def manifest_stems(self) -> list[str]:
-        return [name[: -len(".parquet")] for name in self.store.list_names(MANIFESTS, ".parquet")]
+        return self._stems(MANIFESTS, ".parquet")
 
     def polars_manifests(self, stems: list[str] | None = None) -> tuple[list[str], dict | None]:
         """The manifests as sources for ``polars.scan_parquet``: paths or URLs, and storage options."""
@@ -128,12 +132,10 @@ class OutputDir:
         return set(self.store.list_folders(PARTS))
 
     def stems_with_failures(self) -> set[str]:
-        """The shards with a failure record (one listing)."""
-        return {name[: -len(".failed.json")] for name in self.store.list_names(STATE, ".failed.json")}
+        return set(self._stems(STATE, ".failed.json"))
 
     def stems_with_embeddings(self) -> set[str]:
-        """The shards with saved embeddings (one listing)."""
-        return {name[: -len(".npy")] for name in self.store.list_names(EMBEDDINGS, ".npy")}
+        return set(self._stems(EMBEDDINGS, ".npy"))
 
     def clear_parts(self, stem: str) -> None:
         """Remove a shard's work in progress (an earlier attempt's parts must never be joined with new ones)."""
@@ -153,8 +155,7 @@ class OutputDir:
     def _records(self, suffix: str) -> dict[str, dict]:
         """Records by shard stem; the stem comes from the record's file name (never from its content), so an
         edited record cannot point a later write elsewhere."""
-        stems = [name[: -len(suffix)] for name in self.store.list_names(STATE, suffix)]
-        stems = [stem for stem in stems if is_safe_stem(stem)]
+        stems = [stem for stem in self._stems(STATE, suffix) if is_safe_stem(stem)]
         records = {}
         for stem, data in zip(stems, self.store.read_many([f"{STATE}/{stem}{suffix}" for stem in stems])):
             try:
